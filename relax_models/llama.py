@@ -1,0 +1,276 @@
+"""Llama (2 and 3, and Llama-architecture models such as SmolLM2) in TVM Relax.
+
+The module exports MLC-LLM's function names (`embed`, `prefill`, `decode`, `batch_prefill`,
+`batch_decode`, `create_paged_kv_cache`, `get_logits`, `softmax_with_temperature`) so a package built
+from it is laid out like an MLC package. Linear layers are plain `nn.Linear`: a quantization scheme
+swaps them out with a module mutator, so this file knows nothing of quantization.
+
+Attention goes through TVM's paged KV cache (`TIRPagedKVCache`), which applies RoPE (with theta and
+llama3-style frequency scaling) to q and k itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from atom_tvm.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    """The parts of a Hugging Face Llama `config.json` the model needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    vocab_size: int
+    rms_norm_eps: float
+    head_dim: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(
+                f"{source}: model_type {model_type!r} is not supported; atom-tvm builds "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} models (Llama 2, Llama 3, SmolLM2)"
+            )
+        required = ("hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_hidden_layers", "vocab_size")
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise UserError(f"{source}: missing {', '.join(missing)}; is this a Hugging Face config.json?")
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise UserError(f"{source}: num_attention_heads {heads} is not a multiple of "
+                            f"num_key_value_heads {kv_heads}")
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        # transformers 5 moved rope settings into `rope_parameters`; older configs keep them flat.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise UserError(f"{source}: rope_type {rope_type!r} is not supported (default, llama3)")
+        rope_scaling = None
+        if rope_type == "llama3":
+            rope_scaling = {
+                "rope_type": "llama3",
+                "factor": float(rope["factor"]),
+                "low_freq_factor": float(rope["low_freq_factor"]),
+                "high_freq_factor": float(rope["high_freq_factor"]),
+                "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            }
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            num_hidden_layers=cfg["num_hidden_layers"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            head_dim=head_dim,
+            rope_theta=theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> "LlamaConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise UserError(f"{model_dir}: no config.json; pass a Hugging Face model directory "
+                            "(python -m atom_tvm.convert_gguf makes one from the bundled SmolLM2)")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        return cls.from_hf_dict(cfg, str(path))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.num_q_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        qkv_out = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+        # q, k and v share one matrix so the projection is one GEMM and the cache gets fused qkv.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
+        self.o_proj = nn.Linear(self.num_q_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.intermediate_size = cfg.intermediate_size
+        # gate and up share one matrix: one GEMM, then SiLU(gate) * up.
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            x = layer(x, kv, layer_id)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama with MLC-LLM's entry points; hidden states in `dtype`, logits always float32."""
+
+    def __init__(self, cfg: LlamaConfig, dtype: str, target: Target):
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        self.tie_word_embeddings = cfg.tie_word_embeddings
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.dtype = dtype
+        self.target = target
+
+    def get_logits(self, hidden_states: Tensor) -> Tensor:
+        if self.tie_word_embeddings:
+            logits = op.matmul(hidden_states, op.permute_dims(self.model.embed_tokens.weight))
+        else:
+            logits = self.lm_head(hidden_states)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        """One sequence's prompt chunk: logits of its last token."""
+        hidden = self.model(input_embed, paged_kv_cache)
+
+        def last_token(x: te.Tensor) -> te.Tensor:
+            b, s, h = x.shape
+            return te.compute((b, 1, h), lambda i, _, k: x[i, s - 1, k], name="last_token")
+
+        hidden = op.tensor_expr_op(last_token, "last_token", [hidden])
+        return self.get_logits(hidden), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.model(input_embed, paged_kv_cache)
+        return self.get_logits(hidden), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        """Ragged prompts packed into one row; logits at `logit_positions` (one per sequence)."""
+        hidden = self.model(input_embeds, paged_kv_cache)
+        picked = op.take(hidden, logit_positions, axis=1)
+        return self.get_logits(picked), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.model(input_embeds, paged_kv_cache)
+        return self.get_logits(hidden), paged_kv_cache
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        cfg = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, cfg.num_hidden_layers]),
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling or {},
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=cfg.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
+        b, s, v = logits.shape
+        scaled = logits / op.reshape(temperature, (b, 1, 1))
+        return op.softmax(scaled, axis=-1)
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        h, d = self.cfg.hidden_size, self.dtype
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        mod_spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"),
+                      "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], d), "paged_kv_cache": kv,
+                        "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, h], d), "paged_kv_cache": kv,
+                       "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "batch_prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], d),
+                              "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                              "paged_kv_cache": kv,
+                              "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, h], d), "paged_kv_cache": kv,
+                             "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "get_logits": {"hidden_states": nn.spec.Tensor(["batch_size", h], d),
+                           "$": {"param_mode": "packed", "effect_mode": "none"}},
+            "create_paged_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                "page_size": int, "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"}},
+            "softmax_with_temperature": {
+                "logits": nn.spec.Tensor(["batch_size", 1, "vocab_size"], "float32"),
+                "temperature": nn.spec.Tensor(["batch_size"], "float32"),
+                "$": {"param_mode": "none", "effect_mode": "none"}},
+        }
+        return nn.spec.ModuleSpec.from_raw(mod_spec, self)
