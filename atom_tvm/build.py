@@ -1,0 +1,186 @@
+"""`python -m atom_tvm.build`: compile a Hugging Face Llama into an MLC-style package.
+
+    python -m atom_tvm.build --model models/SmolLM2-135M-Instruct --target llvm \
+        --quantization fp32 -o dist/smollm2-fp32-llvm
+    python -m atom_tvm.build --model ... --target cuda --arch sm_80,sm_89,sm_90a \
+        --quantization fp16 -o dist/smollm2-fp16-cuda
+
+Runs on any machine: CUDA code is compiled here by nvcc into SASS for every requested arch (no GPU
+needed), so the GPU host needs only the TVM runtime. The package is assembled in a temporary
+directory next to the output and renamed into place at the end, so a failed build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from atom_tvm import package
+from atom_tvm.errors import UserError
+from atom_tvm.hf_weights import iter_params, read_json, read_tokenizer_files
+
+QUANTIZATIONS = {"fp32": "float32", "fp16": "float16"}
+DEFAULT_PAGE_SIZE = 16
+MODEL_LIB_NAME = "model-{target}.so"
+
+
+class Progress:
+    """One line per stage with its wall time, so a long CUDA build shows where it is."""
+
+    def __init__(self, total: int):
+        self.total, self.step, self.t0 = total, 0, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.step += 1
+        print(f"[{self.step}/{self.total}] {what} (t={time.perf_counter() - self.t0:.1f}s)", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m atom_tvm.build", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory")
+    p.add_argument("--target", required=True, help="llvm (CPU) or cuda")
+    p.add_argument("--arch", default="", help="CUDA archs, comma separated, e.g. sm_80,sm_89,sm_90a")
+    p.add_argument("--quantization", default="fp16", help=f"one of {', '.join(QUANTIZATIONS)} (fp32: llvm only)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="package directory to create")
+    p.add_argument("--context-window-size", type=int, default=None,
+                   help="max tokens per sequence (default: the model's, capped at 4096)")
+    p.add_argument("--prefill-chunk-size", type=int, default=512, help="max tokens per prefill call")
+    p.add_argument("--conv-template", default=None,
+                   help="llama-2, llama-3, chatml or model (the model's own chat template; default when it has one)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return p.parse_args(argv)
+
+
+def validate(args: argparse.Namespace):
+    """All argument checks before any slow work, so bad input fails in a second."""
+    from deploy.targets import make_target, parse_archs
+    from relax_models.llama import LlamaConfig
+
+    if not args.model.is_dir():
+        raise UserError(f"{args.model}: model directory not found; pass a Hugging Face model directory "
+                        "(python -m atom_tvm.convert_gguf writes one for the bundled SmolLM2)")
+    cfg = LlamaConfig.from_model_dir(args.model)
+    if args.quantization not in QUANTIZATIONS:
+        raise UserError(f"--quantization {args.quantization!r} is not supported; choose one of "
+                        f"{', '.join(QUANTIZATIONS)}")
+    if args.target not in ("llvm", "cuda"):
+        make_target(args.target, [])  # raises with the list of valid targets
+    if args.target == "cuda":
+        if not args.arch:
+            raise UserError("--target cuda needs --arch, e.g. --arch sm_80,sm_89,sm_90a")
+        archs = parse_archs(args.arch)
+        if args.quantization == "fp32":
+            raise UserError("--quantization fp32 is for --target llvm; use fp16 on cuda")
+    else:
+        if args.arch:
+            raise UserError("--arch is for --target cuda only")
+        archs = []
+    if args.output.exists() and any(args.output.iterdir()) and not args.force:
+        raise UserError(f"{args.output}: already exists and is not empty; pass --force to replace it")
+    ctx = args.context_window_size or min(cfg.max_position_embeddings, 4096)
+    if ctx < 16 or args.prefill_chunk_size < 1:
+        raise UserError("--context-window-size must be >= 16 and --prefill-chunk-size >= 1")
+    args.context_window_size = ctx
+    args.prefill_chunk_size = min(args.prefill_chunk_size, ctx)
+    return cfg, make_target(args.target, archs), archs
+
+
+def chat_config(args, cfg, model_dir: Path, lib_name: str) -> dict:
+    """mlc-chat-config.json: what the runtime needs besides the library and the weights."""
+    tok_cfg = read_json(model_dir / "tokenizer_config.json")
+    gen_cfg = read_json(model_dir / "generation_config.json")
+    hf_cfg = read_json(model_dir / "config.json")
+    chat_template = tok_cfg.get("chat_template")
+    conv = args.conv_template or ("model" if chat_template else
+                                  "llama-3" if cfg.vocab_size >= 128000 else "llama-2")
+    if conv not in ("llama-2", "llama-3", "chatml", "model"):
+        raise UserError(f"--conv-template {conv!r}: choose llama-2, llama-3, chatml or model")
+    if conv == "model" and not chat_template:
+        raise UserError(f"{model_dir}/tokenizer_config.json has no chat_template; pick --conv-template "
+                        "llama-2, llama-3 or chatml")
+
+    def first(*keys, default=None):
+        for source in (gen_cfg, hf_cfg):
+            for k in keys:
+                if source.get(k) is not None:
+                    return source[k]
+        return default
+
+    eos = first("eos_token_id", default=2)
+    return {
+        "model_type": "llama",
+        "quantization": args.quantization,
+        "model_config": hf_cfg,
+        "context_window_size": args.context_window_size,
+        "prefill_chunk_size": args.prefill_chunk_size,
+        "page_size": DEFAULT_PAGE_SIZE,
+        "conv_template": conv,
+        "chat_template": chat_template,
+        "tokenizer_files": [p.name for p in read_tokenizer_files(model_dir)],
+        "bos_token_id": first("bos_token_id", default=1),
+        "eos_token_id": eos,
+        "pad_token_id": first("pad_token_id", default=eos if isinstance(eos, int) else eos[0]),
+        "temperature": float(gen_cfg.get("temperature", 0.7)),
+        "top_p": float(gen_cfg.get("top_p", 0.95)),
+        "max_tokens": 512,
+        "model_lib": lib_name,
+        "target": args.target,
+        "arch": args.arch.split(",") if args.arch else [],
+    }
+
+
+def build(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    cfg, target, archs = validate(args)
+    progress = Progress(5)
+    progress(f"model {args.model.name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+             f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
+
+    from atom_tvm.compile import compile_model  # heavy TVM imports only once input is valid
+
+    lib_name = MODEL_LIB_NAME.format(target=args.target)
+    out = args.output.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        conf = chat_config(args, cfg, args.model, lib_name)
+        progress(f"compile for {args.target}{' ' + ','.join(archs) if archs else ''} "
+                 f"({args.quantization}, context {args.context_window_size})")
+        expected = compile_model(cfg, QUANTIZATIONS[args.quantization], target, archs, tmp / lib_name,
+                                 metadata={"model_type": "llama", "quantization": args.quantization,
+                                           "context_window_size": args.context_window_size,
+                                           "prefill_chunk_size": args.prefill_chunk_size,
+                                           "page_size": DEFAULT_PAGE_SIZE})
+        progress(f"weights: {len(expected)} tensors as {QUANTIZATIONS[args.quantization]}")
+        cache = package.write_tensor_cache(tmp, iter_params(args.model, expected))
+        progress(f"package: {cache['metadata']['ParamBytes'] / 2**20:.1f} MiB of weights in "
+                 f"{len(cache['records'])} shards, tokenizer, {package.CHAT_CONFIG}")
+        for f in read_tokenizer_files(args.model):
+            shutil.copy2(f, tmp / f.name)
+        package.write_json_atomic(tmp / package.CHAT_CONFIG, conf)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"done: {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        build(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Relax model -> compiled TVM library with MLC's entry points and a `_metadata` function.
+
+The pipeline is TVM's default for the target (dlight schedules on CUDA), with one step added after
+static memory planning: it records each entry point's planned memory and attaches `_metadata`, a
+function returning JSON (parameters, KV-cache shape, memory use) that the runtime reads to check
+the weights it loads and to size the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+from tvm.target import Target
+
+from relax_models.llama import LlamaConfig, LlamaForCausalLM
+
+ParamSpec = tuple[str, tuple[int, ...], str]
+
+
+def _planned_bytes(func: relax.Function) -> int:
+    """Bytes of the statically sized storages that memory planning allocated in one function."""
+    total = 0
+
+    def visit(expr):
+        nonlocal total
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.memory.alloc_storage":
+            size = expr.args[0]
+            if isinstance(size, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in size.values):
+                total += int(size.values[0])
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return total
+
+
+def _attach_metadata(metadata: dict) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="AttachAtomMetadata")
+    def attach(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        usage = {gv.name_hint: _planned_bytes(f) for gv, f in mod.functions.items()
+                 if isinstance(f, relax.Function)}
+        text = json.dumps({**metadata, "memory_usage": usage})
+        bb = relax.BlockBuilder(mod)
+        with bb.function("_metadata", params=[]):
+            bb.emit_func_output(tvm.ir.StringImm(text))
+        return bb.finalize()
+
+    return attach
+
+
+# TVM's default pass lists per target, read from each backend's pipeline module (0.27's
+# tvm.relax.pipeline.dataflow_lower_passes looks them up on the package, which does not export them).
+_BACKEND_PIPELINES = {"llvm": cpu_pipeline, "cuda": cuda_pipeline}
+
+
+def _pipeline(target: Target, metadata: dict) -> tvm.transform.Pass:
+    backend = _BACKEND_PIPELINES[target.kind.name]
+    finalize = backend.finalize_passes(target)
+    # finalize_passes starts with StaticPlanBlockMemory: the metadata pass reads its result.
+    assert finalize[0].info.name == "StaticPlanBlockMemory", finalize[0].info.name
+    return tvm.transform.Sequential([
+        *backend.library_dispatch_passes(target),
+        *backend.legalize_passes(target),
+        *backend.dataflow_lower_passes(target),
+        finalize[0],
+        _attach_metadata(metadata),
+        *finalize[1:],
+    ])
+
+
+def export_model(cfg: LlamaConfig, dtype: str, target: Target) -> tuple[tvm.IRModule, list[ParamSpec]]:
+    model = LlamaForCausalLM(cfg, dtype, target)
+    model.to(dtype)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
+    return mod, params
+
+
+def compile_model(cfg: LlamaConfig, dtype: str, target: Target, archs: list[str], lib_path: Path,
+                  metadata: dict) -> list[ParamSpec]:
+    """Compile and export the library; returns the (name, shape, dtype) of each parameter it takes."""
+    mod, params = export_model(cfg, dtype, target)
+    metadata = {
+        **metadata,
+        "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in params],
+        "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+                     "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "dtype": dtype},
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+    }
+    codegen = contextlib.nullcontext()
+    if target.kind.name == "cuda":
+        from atom_tvm.cuda_build import enable_cuda_codegen, use_nvcc_fatbin
+
+        enable_cuda_codegen()
+        codegen = use_nvcc_fatbin(archs)
+    with codegen:
+        executable = tvm.compile(mod, target, relax_pipeline=_pipeline(target, metadata))
+    executable.export_library(str(lib_path))
+    return params

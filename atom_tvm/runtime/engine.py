@@ -1,0 +1,180 @@
+"""Run a package: load library and weights, keep one conversation's paged KV cache, generate tokens.
+
+Runtime-only: this module imports `tvm.runtime` and never `tvm.relax`, so a GPU host needs only the
+TVM runtime libraries (no compiler) to serve a package built elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm.runtime.vm import VirtualMachine
+
+from atom_tvm import package
+from atom_tvm.errors import UserError
+
+_SEQ_ID = 0  # the chat runtime holds one conversation; batching comes with the serving engine
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 0.95
+    max_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+def load_device(name: str) -> tvm.runtime.Device:
+    """The TVM device for 'cpu' or 'cuda', loading the CUDA runtime library if TVM did not."""
+    if name == "cpu":
+        return tvm.cpu(0)
+    if name != "cuda":
+        raise UserError(f"--device {name!r}: choose cpu or cuda")
+    if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is None:
+        from tvm.base import _LOADED_LIBS
+        from tvm_ffi.libinfo import load_lib_ctypes
+
+        # Runtime-only TVM does not load its CUDA runtime library by itself.
+        lib_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        try:
+            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
+                                                               extra_lib_paths=[lib_dir])
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"cannot load TVM's CUDA runtime ({err}); is there an NVIDIA driver?") from None
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise UserError("no CUDA GPU visible; run with --device cpu and a package built with --target llvm")
+    return dev
+
+
+def sample_token(probs: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p."""
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order].astype(np.float64)
+    cumulative = np.cumsum(sorted_probs)
+    keep = int(np.searchsorted(cumulative, top_p * cumulative[-1])) + 1
+    kept = sorted_probs[:keep] / sorted_probs[:keep].sum()
+    return int(order[rng.choice(keep, p=kept)])
+
+
+class ChatModel:
+    """One package loaded on one device, with one conversation's KV cache."""
+
+    def __init__(self, package_dir: str | Path, device: str = "cpu"):
+        self.package_dir = Path(package_dir)
+        if not self.package_dir.is_dir():
+            raise UserError(f"{self.package_dir}: package directory not found; build one with python -m atom_tvm.build")
+        self.config = package.read_chat_config(self.package_dir)
+        self.device = load_device(device)
+        lib_path = self.package_dir / self.config.get("model_lib", "")
+        if not lib_path.is_file():
+            raise UserError(f"{lib_path}: model library missing; rebuild the package")
+        if (self.config.get("target") == "cuda") != (device == "cuda"):
+            raise UserError(f"{self.package_dir} was built for --target {self.config.get('target')}; "
+                            f"run it with --device {'cuda' if self.config.get('target') == 'cuda' else 'cpu'}")
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
+        self.metadata = json.loads(self.vm["_metadata"]())
+        expected = [(p["name"], tuple(p["shape"]), p["dtype"]) for p in self.metadata["params"]]
+        arrays = package.load_tensor_cache(self.package_dir, expected)
+        self.params = [tvm.runtime.tensor(arrays[name], self.device) for name, _, _ in expected]
+        self.dtype = self.metadata["kv_cache"]["dtype"]
+        self.hidden_size = self.metadata["hidden_size"]
+        self.context_window_size = int(self.config["context_window_size"])
+        self.prefill_chunk_size = int(self.config["prefill_chunk_size"])
+        self.tokenizer = self._load_tokenizer()
+        eos = self.config["eos_token_id"]
+        self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        self._fns = {name: self.vm[name] for name in ("embed", "prefill", "decode", "softmax_with_temperature")}
+        shape = tvm_ffi.Shape
+        self.kv_cache = self.vm["create_paged_kv_cache"](
+            shape([1]), shape([self.context_window_size]), shape([self.prefill_chunk_size]),
+            shape([self.config.get("page_size", 16)]), shape([0]))
+        self._begin = tvm_ffi.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._end = tvm_ffi.get_global_func("vm.builtin.kv_state_end_forward")
+        self._num_cached = 0
+        self._kv_builtin("vm.builtin.kv_state_add_sequence", _SEQ_ID)
+        self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+
+    def _load_tokenizer(self):
+        from tokenizers import Tokenizer
+
+        path = self.package_dir / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; rebuild the package")
+        return Tokenizer.from_file(str(path))
+
+    def _kv_builtin(self, name: str, *args):
+        return tvm_ffi.get_global_func(name)(self.kv_cache, *args)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self._num_cached
+
+    def reset(self) -> None:
+        self._kv_builtin("vm.builtin.kv_state_remove_sequence", _SEQ_ID)
+        self._kv_builtin("vm.builtin.kv_state_add_sequence", _SEQ_ID)
+        self._num_cached = 0
+
+    def _forward(self, fn: str, token_ids: list[int]) -> tvm.runtime.Tensor:
+        """Run `prefill` or `decode` on tokens appended to the sequence; float32 logits [1, 1, vocab]."""
+        ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
+        embed = self._fns["embed"](ids, self.params)
+        embed = embed._create_view(tvm_ffi.Shape([1, len(token_ids), self.hidden_size]))
+        self._begin(self.kv_cache, tvm_ffi.Shape([_SEQ_ID]), tvm_ffi.Shape([len(token_ids)]))
+        logits, _ = self._fns[fn](embed, self.kv_cache, self.params)
+        self._end(self.kv_cache)
+        self._num_cached += len(token_ids)
+        return logits
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        """Append tokens in chunks of at most prefill_chunk_size; logits of the last one (float32)."""
+        logits = None
+        for start in range(0, len(token_ids), self.prefill_chunk_size):
+            logits = self._forward("prefill", token_ids[start:start + self.prefill_chunk_size])
+        return logits
+
+    def decode(self, token: int) -> tvm.runtime.Tensor:
+        """Append one token; float32 logits [1, 1, vocab] of the next."""
+        return self._forward("decode", [token])
+
+    def _next_token(self, logits: tvm.runtime.Tensor, gen: GenerationConfig, rng) -> int:
+        if gen.temperature <= 0:
+            return int(np.argmax(logits.numpy().reshape(-1)))
+        temp = tvm.runtime.tensor(np.array([gen.temperature], dtype="float32"), self.device)
+        probs = self._fns["softmax_with_temperature"](logits, temp).numpy().reshape(-1)
+        return sample_token(probs, gen.top_p, rng)
+
+    def check_fits(self, n_new: int) -> None:
+        if n_new == 0:
+            raise UserError("empty prompt: nothing to generate from")
+        room = self.context_window_size - self._num_cached
+        if n_new >= room:
+            raise UserError(f"prompt of {n_new} tokens does not fit: {self._num_cached} of the "
+                            f"{self.context_window_size}-token context window are used; /reset or shorten it")
+
+    def generate(self, new_token_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
+        """Append `new_token_ids`, then yield sampled tokens until a stop token, max_tokens or a full window."""
+        self.check_fits(len(new_token_ids))
+        stops = set(gen.stop_token_ids) | set(self.eos_token_ids)
+        rng = np.random.default_rng(gen.seed)
+        stats = {"prefill_tokens": len(new_token_ids), "decode_tokens": 0, "decode_seconds": 0.0}
+        t0 = time.perf_counter()
+        token = self._next_token(self.prefill(list(new_token_ids)), gen, rng)
+        stats["prefill_seconds"] = time.perf_counter() - t0
+        self.stats = stats
+        for produced in range(1, gen.max_tokens + 1):
+            yield token
+            if token in stops or produced == gen.max_tokens or self._num_cached >= self.context_window_size:
+                break
+            t0 = time.perf_counter()
+            token = self._next_token(self.decode(token), gen, rng)
+            stats["decode_seconds"] += time.perf_counter() - t0
+            stats["decode_tokens"] += 1
