@@ -63,6 +63,9 @@ def _pipeline(target: Target, metadata: dict) -> tvm.transform.Pass:
     # finalize_passes starts with StaticPlanBlockMemory: the metadata pass reads its result.
     assert finalize[0].info.name == "StaticPlanBlockMemory", finalize[0].info.name
     return tvm.transform.Sequential([
+        # nn.Linear is matmul(x, permute_dims(W)): without this the weights are transposed by a
+        # separate kernel on every call; fused, the GEMM reads W in its stored [out, in] layout.
+        relax.transform.FuseTransposeMatmul(),
         *backend.library_dispatch_passes(target),
         *backend.legalize_passes(target),
         *backend.dataflow_lower_passes(target),

@@ -100,6 +100,9 @@ class ChatModel:
         self._begin = tvm_ffi.get_global_func("vm.builtin.kv_state_begin_forward")
         self._end = tvm_ffi.get_global_func("vm.builtin.kv_state_end_forward")
         self._num_cached = 0
+        # The last token `generate` yielded is part of the conversation but not yet in the cache:
+        # it is fed at the start of the next `generate` (or dropped by `reset`).
+        self._pending: list[int] = []
         self._kv_builtin("vm.builtin.kv_state_add_sequence", _SEQ_ID)
         self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
 
@@ -116,12 +119,14 @@ class ChatModel:
 
     @property
     def num_cached_tokens(self) -> int:
-        return self._num_cached
+        """Tokens of the current conversation, including the last generated one not yet fed."""
+        return self._num_cached + len(self._pending)
 
     def reset(self) -> None:
         self._kv_builtin("vm.builtin.kv_state_remove_sequence", _SEQ_ID)
         self._kv_builtin("vm.builtin.kv_state_add_sequence", _SEQ_ID)
         self._num_cached = 0
+        self._pending = []
 
     def _forward(self, fn: str, token_ids: list[int]) -> tvm.runtime.Tensor:
         """Run `prefill` or `decode` on tokens appended to the sequence; float32 logits [1, 1, vocab]."""
@@ -129,7 +134,12 @@ class ChatModel:
         embed = self._fns["embed"](ids, self.params)
         embed = embed._create_view(tvm_ffi.Shape([1, len(token_ids), self.hidden_size]))
         self._begin(self.kv_cache, tvm_ffi.Shape([_SEQ_ID]), tvm_ffi.Shape([len(token_ids)]))
-        logits, _ = self._fns[fn](embed, self.kv_cache, self.params)
+        try:
+            logits, _ = self._fns[fn](embed, self.kv_cache, self.params)
+        except BaseException:  # Ctrl-C included: undo the append so the cache matches _num_cached
+            self._end(self.kv_cache)
+            self._kv_builtin("vm.builtin.kv_state_popn", _SEQ_ID, len(token_ids))
+            raise
         self._end(self.kv_cache)
         self._num_cached += len(token_ids)
         return logits
@@ -155,9 +165,9 @@ class ChatModel:
     def check_fits(self, n_new: int) -> None:
         if n_new == 0:
             raise UserError("empty prompt: nothing to generate from")
-        room = self.context_window_size - self._num_cached
-        if n_new >= room:
-            raise UserError(f"prompt of {n_new} tokens does not fit: {self._num_cached} of the "
+        used = self.num_cached_tokens
+        if used + n_new >= self.context_window_size:
+            raise UserError(f"prompt of {n_new} tokens does not fit: {used} of the "
                             f"{self.context_window_size}-token context window are used; /reset or shorten it")
 
     def generate(self, new_token_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
@@ -167,14 +177,18 @@ class ChatModel:
         rng = np.random.default_rng(gen.seed)
         stats = {"prefill_tokens": len(new_token_ids), "decode_tokens": 0, "decode_seconds": 0.0}
         t0 = time.perf_counter()
-        token = self._next_token(self.prefill(list(new_token_ids)), gen, rng)
+        feed, self._pending = self._pending + list(new_token_ids), []
+        token = self._next_token(self.prefill(feed), gen, rng)
         stats["prefill_seconds"] = time.perf_counter() - t0
         self.stats = stats
         for produced in range(1, gen.max_tokens + 1):
+            self._pending = [token]
             yield token
             if token in stops or produced == gen.max_tokens or self._num_cached >= self.context_window_size:
                 break
             t0 = time.perf_counter()
-            token = self._next_token(self.decode(token), gen, rng)
+            logits = self.decode(token)
+            self._pending = []
+            token = self._next_token(logits, gen, rng)
             stats["decode_seconds"] += time.perf_counter() - t0
             stats["decode_tokens"] += 1
