@@ -13,15 +13,14 @@ directory next to the output and renamed into place at the end, so a failed buil
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from atom_tvm import package
 from atom_tvm.errors import UserError
+from atom_tvm.staging import check_output_dir, staged_output_dir
 from atom_tvm.hf_weights import iter_params, read_json, read_tokenizer_files
 
 QUANTIZATIONS = {"fp32": "float32", "fp16": "float16"}
@@ -80,8 +79,7 @@ def validate(args: argparse.Namespace):
         if args.arch:
             raise UserError("--arch is for --target cuda only")
         archs = []
-    if args.output.exists() and any(args.output.iterdir()) and not args.force:
-        raise UserError(f"{args.output}: already exists and is not empty; pass --force to replace it")
+    check_output_dir(args.output, args.force)
     ctx = args.context_window_size or min(cfg.max_position_embeddings, 4096)
     if ctx < 16 or args.prefill_chunk_size < 1:
         raise UserError("--context-window-size must be >= 16 and --prefill-chunk-size >= 1")
@@ -144,10 +142,7 @@ def build(argv: list[str] | None = None) -> Path:
     from atom_tvm.compile import compile_model  # heavy TVM imports only once input is valid
 
     lib_name = MODEL_LIB_NAME.format(target=args.target)
-    out = args.output.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_output_dir(args.output) as tmp:
         conf = chat_config(args, cfg, args.model, lib_name)
         progress(f"compile for {args.target}{' ' + ','.join(archs) if archs else ''} "
                  f"({args.quantization}, context {args.context_window_size})")
@@ -158,17 +153,12 @@ def build(argv: list[str] | None = None) -> Path:
                                            "page_size": DEFAULT_PAGE_SIZE})
         progress(f"weights: {len(expected)} tensors as {QUANTIZATIONS[args.quantization]}")
         cache = package.write_tensor_cache(tmp, iter_params(args.model, expected))
-        progress(f"package: {cache['metadata']['ParamBytes'] / 2**20:.1f} MiB of weights in "
-                 f"{len(cache['records'])} shards, tokenizer, {package.CHAT_CONFIG}")
         for f in read_tokenizer_files(args.model):
             shutil.copy2(f, tmp / f.name)
         package.write_json_atomic(tmp / package.CHAT_CONFIG, conf)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        progress(f"package: {cache['metadata']['ParamBytes'] / 2**20:.1f} MiB of weights in "
+                 f"{len(cache['records'])} shards, tokenizer, {package.CHAT_CONFIG}")
+    out = args.output
     progress(f"done: {out}")
     return out
 

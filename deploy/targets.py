@@ -81,5 +81,9 @@ def make_target(kind: str, archs: list[str]) -> tvm.target.Target:
                 raise UserError(
                     f"unknown CUDA arch {arch!r}: choose from {', '.join(SUPPORTED_ARCHS)}"
                 )
-        return tvm.target.Target({"kind": "cuda", "arch": lowest_arch(archs)}, host={"kind": "llvm"})
+        # The limits every supported arch has (48 KiB static shared memory per block without the
+        # opt-in, 1024 threads, warps of 32); stated so TVM does not guess them with a warning.
+        device = {"kind": "cuda", "arch": lowest_arch(archs), "max_shared_memory_per_block": 49152,
+                  "max_threads_per_block": 1024, "thread_warp_size": 32}
+        return tvm.target.Target(device, host={"kind": "llvm"})
     raise UserError(f"unknown target {kind!r}: choose from {', '.join(SUPPORTED_KINDS)}")

@@ -36,3 +36,31 @@ def tiny_tokenizer_dir(tmp_path_factory):
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_conversion(tmp_path_factory):
+    """The bundled SmolLM2 GGUF converted once per session through the CLI: (directory, process)."""
+    from cli import run_module
+
+    out = tmp_path_factory.mktemp("convert") / "SmolLM2-135M-Instruct"
+    proc = run_module("atom_tvm.convert_gguf", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_conversion):
+    return smollm2_conversion[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_package(smollm2_dir, tmp_path_factory):
+    """SmolLM2 built for the CPU in float32 through the build CLI."""
+    from cli import run_module
+
+    out = tmp_path_factory.mktemp("dist") / "smollm2-fp32-llvm"
+    proc = run_module("atom_tvm.build", "--model", smollm2_dir, "--target", "llvm", "--quantization", "fp32",
+                      "-o", out, "--context-window-size", "2048")
+    assert proc.returncode == 0, proc.stderr
+    return out

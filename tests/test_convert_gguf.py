@@ -2,51 +2,23 @@
 own GGUF loading exactly, and bad input must fail with a one-line message and no output."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from atom_tvm.convert_gguf import default_gguf_path, unpermute_rope_rows
+from cli import assert_user_error, run_module
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def run_cli(*args):
-    """Run the converter CLI in a fresh interpreter, as a user would."""
-    return subprocess.run([sys.executable, "-m", "atom_tvm.convert_gguf", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
-def assert_user_error(proc, *needles):
-    """Exit 2 with exactly one stderr line `error: ...` mentioning every needle, no traceback."""
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for needle in needles:
-        assert str(needle) in lines[0]
+    return run_module("atom_tvm.convert_gguf", *args)
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        return default_gguf_path()
-    except Exception as e:  # the package is an optional test dependency
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def converted(gguf_path, tmp_path_factory):
-    """Convert the SmolLM2 GGUF once per session through the CLI."""
-    out = tmp_path_factory.mktemp("convert") / "SmolLM2-135M-Instruct"
-    proc = run_cli("-o", out)
-    assert proc.returncode == 0, proc.stderr
+def converted(smollm2_conversion):
+    out, proc = smollm2_conversion
     assert len([line for line in proc.stdout.splitlines() if line.startswith("[")]) == 5  # one per stage
     return out
 
@@ -104,7 +76,8 @@ def test_tokenizer_files(converted):
     assert cfg["add_bos_token"] is False
 
 
-def test_logits_match_transformers_gguf_loader(converted, gguf_path):
+def test_logits_match_transformers_gguf_loader(converted):
+    gguf_path = default_gguf_path()
     """Same token ids and logits as transformers reading the GGUF itself: this is what
     proves the q/k row un-permutation and the tensor renaming."""
     import torch
