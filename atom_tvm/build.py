@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from atom_tvm import package
-from atom_tvm.errors import UserError
+from atom_tvm.errors import UserError, run_command
 from atom_tvm.staging import check_output_dir, staged_output_dir
 from atom_tvm.hf_weights import iter_params, read_json, read_tokenizer_files
 
@@ -164,12 +164,7 @@ def build(argv: list[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        build(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: build(argv))
 
 
 if __name__ == "__main__":

