@@ -36,11 +36,10 @@ from typing import Iterator
 
 import tvm
 import tvm_ffi
-from tvm.base import _LOADED_LIBS
 from tvm.support import nvcc
-from tvm_ffi.libinfo import load_lib_ctypes
 
 from atom_tvm.errors import UserError
+from atom_tvm.runtime.tvm_libs import load_runtime_cuda, runtime_dir
 
 _CREATE_CUDA = "ffi.Module.create.cuda"
 _COMPILE_HOOK = "tvm_callback_cuda_compile"
@@ -70,10 +69,10 @@ def enable_cuda_codegen() -> str:
     if tvm_ffi.get_global_func(_CREATE_CUDA, allow_missing=True) is not None:
         return "stand-in" if _standin_path else "driver"
 
-    runtime_cuda = _runtime_dir() / "libtvm_runtime_cuda.so"
+    runtime_cuda = runtime_dir() / "libtvm_runtime_cuda.so"
     try:
         # A driver may exist although `import tvm` did not pick it up; then no stand-in is needed.
-        _load_runtime_cuda()
+        load_runtime_cuda()
     except OSError as err:
         # dlopen names the first library it cannot find; only a missing driver is ours to fix.
         if "libcuda.so.1" not in str(err):
@@ -83,7 +82,7 @@ def enable_cuda_codegen() -> str:
         # NEEDED libcuda.so.1 (and cudart's own dlopen of it) to this already-loaded library.
         ctypes.CDLL(str(standin), mode=ctypes.RTLD_GLOBAL)
         try:
-            _load_runtime_cuda()
+            load_runtime_cuda()
         except OSError as err2:
             raise UserError(f"cannot load {runtime_cuda.name}: {err2}") from err2
         _standin_path = standin
@@ -91,25 +90,6 @@ def enable_cuda_codegen() -> str:
     if tvm_ffi.get_global_func(_CREATE_CUDA, allow_missing=True) is None:
         raise UserError(f"{runtime_cuda.name} loaded but did not register {_CREATE_CUDA}")
     return "stand-in" if _standin_path else "driver"
-
-
-def _runtime_dir() -> Path:
-    """tvm/lib, found the way tvm/backend/cuda finds it: next to the loaded libtvm_runtime."""
-    return Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-
-
-def _load_runtime_cuda() -> None:
-    """Load libtvm_runtime_cuda exactly as tvm.backend.cuda.register_backend does on a GPU host.
-
-    Loading is all it takes: its static initializers register the CUDA module functions. The handle
-    goes into tvm.base._LOADED_LIBS so it stays alive and TVM sees the library as loaded.
-    """
-    _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-        package="tvm",
-        target_name="tvm_runtime_cuda",
-        extra_lib_paths=[_runtime_dir()],
-        mode="RTLD_LOCAL",
-    )
 
 
 def _undefined_driver_symbols(lib: Path) -> list[str]:

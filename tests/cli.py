@@ -10,11 +10,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_module(module: str, *args, stdin: str | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_module(module: str, *args, stdin: str | None = None, timeout: float = 900,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m module args...` in a fresh interpreter from the repository root."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, input=stdin,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles) -> str:

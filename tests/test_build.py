@@ -89,6 +89,11 @@ def test_llvm_package_layout(tmp_path, tiny_model_dir):
     assert {p["name"] for p in meta["params"]} >= {"model.layers.0.self_attn.qkv_proj.weight", "lm_head.weight"}
     assert meta["memory_usage"]["prefill"] > 0
 
+    # The runtime needs no TVM compiler: TVM_USE_RUNTIME_LIB=1 makes `import tvm` load the runtime only.
+    proc = run_module("atom_tvm.chat", out, "--prompt", "w5 w6", "--temperature", "0", "--max-tokens", "4",
+                      env={"TVM_USE_RUNTIME_LIB": "1"})
+    assert proc.returncode == 0, proc.stderr
+
 
 def test_cuda_build_on_a_gpu_less_host_carries_sass_for_exactly_the_requested_archs(tmp_path, tiny_model_dir):
     from atom_tvm.cuda_build import list_cuda_codes

@@ -19,6 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from atom_tvm import package
 from atom_tvm.errors import UserError
+from atom_tvm.runtime.tvm_libs import load_runtime_cuda
 
 _SEQ_ID = 0  # the chat runtime holds one conversation; batching comes with the serving engine
 
@@ -39,14 +40,8 @@ def load_device(name: str) -> tvm.runtime.Device:
     if name != "cuda":
         raise UserError(f"--device {name!r}: choose cpu or cuda")
     if tvm_ffi.get_global_func("device_api.cuda", allow_missing=True) is None:
-        from tvm.base import _LOADED_LIBS
-        from tvm_ffi.libinfo import load_lib_ctypes
-
-        # Runtime-only TVM does not load its CUDA runtime library by itself.
-        lib_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
         try:
-            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
-                                                               extra_lib_paths=[lib_dir])
+            load_runtime_cuda()
         except (OSError, RuntimeError) as err:
             raise UserError(f"cannot load TVM's CUDA runtime ({err}); is there an NVIDIA driver?") from None
     dev = tvm.cuda(0)
