@@ -1,0 +1,1 @@
+"""Atom quantization in numpy: number formats and kernel layouts (`formats`) and GPTQ (`gptq`)."""
