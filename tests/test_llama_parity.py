@@ -47,7 +47,7 @@ def ours_step_logits(chat: ChatModel, ids: list[int], n_steps: int) -> tuple[lis
 
 
 TINY_VARIANTS = {
-    "gqa-untied": dict(tie_word_embeddings=False),
+    "gqa-untied-bin": dict(tie_word_embeddings=False),
     "mha-tied-llama3rope": dict(tie_word_embeddings=True, num_key_value_heads=4, rope_theta=500000.0,
                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
@@ -68,6 +68,9 @@ def tiny_llama(request, tmp_path_factory, tiny_tokenizer_dir):
             p.mul_(4.0 if p.dim() > 1 else 1.0)
     model_dir = tmp_path_factory.mktemp(f"hf-{request.param}")
     hf.save_pretrained(model_dir)
+    if request.param.endswith("-bin"):  # a PyTorch .bin checkpoint instead of safetensors
+        torch.save(hf.state_dict(), model_dir / "pytorch_model.bin")
+        (model_dir / "model.safetensors").unlink()
     for f in tiny_tokenizer_dir.iterdir():
         (model_dir / f.name).write_bytes(f.read_bytes())
     out = tmp_path_factory.mktemp("dist") / request.param
