@@ -1,0 +1,197 @@
+"""The W4A4 GEMM: numpy reference, the bit-exact CPU twin, CUDA builds, and the GPU variants.
+
+Inputs are fresh random codes over the full INT4/INT8 ranges (the seed is in every failure
+message), so each run tries new data. The CPU tests compile each (N, K, G, O, residual) once and
+run it at several M (M is dynamic).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tvm
+
+from atom_tvm.errors import UserError
+from atom_tvm.quantization.formats import (
+    dequantize_sym,
+    quantize_atom_activation,
+    quantize_atom_weight,
+    unpack_int4,
+)
+from tir_kernels.w4a4_gemm import (
+    W4A4Shape,
+    atom_args,
+    reference_from_atom,
+    variant_for,
+    w4a4_gemm,
+    w4a4_gemm_reference,
+)
+
+LLVM = tvm.target.Target({"kind": "llvm"})
+
+# (N, K, G): SmolLM2-135M (hidden 576, MLP 1536, G=64) and Llama-2-7B (4096, 11008, G=128).
+SMOLLM2 = [(576, 576, 64), (1536, 576, 64), (576, 1536, 64)]
+LLAMA2_7B = [(4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 128)]
+
+
+def random_operands(seed: int, M: int, shape: W4A4Shape, residual: bool) -> list[np.ndarray]:
+    """Kernel inputs with every code value reachable (INT4 -8..7, INT8 -128..127) and scales of
+    both signs, sized so that outputs stay well inside float16."""
+    rng = np.random.default_rng(seed)
+
+    def operand(rows):
+        q4 = rng.integers(0, 256, (rows, shape.packed), dtype=np.uint8)
+        s4 = (rng.uniform(0.002, 0.02, (rows, shape.groups)) * rng.choice([-1, 1], (rows, shape.groups)))
+        q8 = rng.integers(-128, 128, (rows, shape.O), dtype=np.int8)
+        s8 = rng.uniform(0.0005, 0.004, (rows, 1)) * (shape.O > 0)
+        return [q4, s4.astype(np.float16), q8, s8.astype(np.float16)]
+
+    args = operand(M) + operand(shape.N)
+    if residual:
+        args.append(rng.standard_normal((M, shape.N)).astype(np.float16))
+    return args
+
+
+def reference(args, shape: W4A4Shape, residual: bool) -> np.ndarray:
+    return w4a4_gemm_reference(*args[:8], shape.G, args[8] if residual else None)
+
+
+def assert_bit_exact(out: np.ndarray, ref: np.ndarray, what: str) -> None:
+    bad = out.view(np.uint16) != ref.view(np.uint16)
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} differ, first at {i}: {out[i]} != {ref[i]}")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernel(shape: W4A4Shape, residual: bool):
+    return tvm.compile(w4a4_gemm(LLVM, shape.N, shape.K, shape.G, shape.O, residual), LLVM)
+
+
+def run_cpu(shape: W4A4Shape, residual: bool, args) -> np.ndarray:
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.zeros((args[0].shape[0], shape.N), np.float16), dev)
+    cpu_kernel(shape, residual)(*[tvm.runtime.tensor(a, dev) for a in args], y)
+    return y.numpy()
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % (1 << 63))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reference_is_the_dequantized_product():
+    """On quantized real-valued data the reference is the float product of the dequantized
+    operands up to float32 summation error and the final float16 rounding."""
+    rng = np.random.default_rng(fresh_seed())
+    G, O = 64, 128
+    a = quantize_atom_activation(rng.standard_normal((9, 576)).astype(np.float32), G, O)
+    w = quantize_atom_weight(rng.standard_normal((192, 576)).astype(np.float32) * 0.05, G, O)
+    exact = a.dequantize().astype(np.float64) @ w.dequantize().astype(np.float64).T
+    out = reference_from_atom(a, w).astype(np.float64)
+    np.testing.assert_allclose(out, exact, rtol=2e-3, atol=2e-3)
+
+
+def test_reference_order_per_element():
+    """The vectorized reference equals the documented loop, written out element by element."""
+    shape = W4A4Shape(N=64, K=256, G=64, O=128)
+    args = random_operands(fresh_seed(), 3, shape, residual=True)
+    a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res = args
+    qa, qw = unpack_int4(a_q4).astype(np.int64), unpack_int4(w_q4).astype(np.int64)
+    want = np.zeros((3, 64), np.float16)
+    for m in range(3):
+        for n in range(64):
+            acc = np.float32(0)
+            for g in range(shape.groups):
+                isum = int(qa[m, g * 64 : (g + 1) * 64] @ qw[n, g * 64 : (g + 1) * 64])
+                acc = np.float32(acc + np.float32(isum) * (np.float32(a_s4[m, g]) * np.float32(w_s4[n, g])))
+            isum = int(a_q8[m].astype(np.int64) @ w_q8[n].astype(np.int64))
+            acc = np.float32(acc + np.float32(isum) * (np.float32(a_s8[m, 0]) * np.float32(w_s8[n, 0])))
+            want[m, n] = np.float16(np.float32(acc + np.float32(res[m, n])))
+    assert_bit_exact(reference(args, shape, True), want, "reference vs loop")
+
+
+def test_dequantize_sym_agrees_with_unpacked_codes():
+    """The GEMM reads the packed codes that formats.py writes (low nibble = even k)."""
+    rng = np.random.default_rng(fresh_seed())
+    w = quantize_atom_weight(rng.standard_normal((8, 256)).astype(np.float32), 64, 0)
+    np.testing.assert_array_equal(w.dequantize(), dequantize_sym(unpack_int4(w.q4), w.s4, 64))
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu: bit-exact twin
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_cases():
+    for N, K, G in SMOLLM2:
+        for O in (0, 128):
+            yield pytest.param(W4A4Shape(N, K, G, O), (1, 7, 16, 128, 1000), O == 128,
+                               id=f"smollm2-N{N}-K{K}-G{G}-O{O}")
+    for N, K, G in LLAMA2_7B:
+        for O in (0, 128):
+            yield pytest.param(W4A4Shape(N, K, G, O), (1, 7, 16), O == 0,
+                               id=f"llama2-N{N}-K{K}-G{G}-O{O}")
+
+
+@pytest.mark.parametrize("shape, rows, residual", list(_cpu_cases()))
+def test_cpu_bit_exact(shape, rows, residual):
+    for M in rows:
+        seed = fresh_seed()
+        args = random_operands(seed, M, shape, residual)
+        out = run_cpu(shape, residual, args)
+        assert_bit_exact(out, reference(args, shape, residual), f"cpu M={M} {shape} seed={seed}")
+
+
+def test_cpu_quantized_real_data():
+    """Through the formats' quantizers (clipped, realistic magnitudes) with a residual."""
+    rng = np.random.default_rng(seed := fresh_seed())
+    G, O = 128, 128
+    a = quantize_atom_activation(rng.standard_normal((33, 1024)).astype(np.float32) * 3, G, O, clip=0.9)
+    w = quantize_atom_weight(rng.standard_normal((256, 1024)).astype(np.float32) * 0.02, G, O, clip=0.85)
+    res = rng.standard_normal((33, 256)).astype(np.float16)
+    out = run_cpu(W4A4Shape(256, 1024, G, O), True, [*atom_args(a, w), res])
+    assert_bit_exact(out, reference_from_atom(a, w, res), f"cpu quantized seed={seed}")
+
+
+def test_cpu_extremes():
+    """Largest products (-8 * -8 over a whole group, -128 * -128 outliers), all-outlier and
+    all-INT4 splits, zero scales, and float16 overflow to inf, all matched bit for bit."""
+    seed = fresh_seed()
+    for shape in (W4A4Shape(128, 256, 128, 128), W4A4Shape(64, 128, 64, 128), W4A4Shape(64, 128, 64, 0)):
+        args = random_operands(seed, 5, shape, residual=False)
+        args[0][:2], args[4][:3] = 0x88, 0x88  # every code -8
+        args[2][:2], args[6][:3] = -128, -128
+        args[1][0], args[3][0] = 0, 0  # row 0: zero scales
+        args[1][1], args[5][1] = 60000, 60000  # row 1 x column 1: beyond float16
+        assert_bit_exact(run_cpu(shape, False, args), reference(args, shape, False), f"{shape} seed={seed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "N, K, G, O, hint",
+    [(576, 576, 32, 128, "use 64 or 128"), (100, 576, 64, 128, "multiple of the group size 64"),
+     (576, 600, 64, 128, "K - O"), (576, 576, 64, 640, "K - O")],
+)
+def test_bad_shapes_are_user_errors(N, K, G, O, hint):
+    with pytest.raises(UserError, match=hint):
+        w4a4_gemm(LLVM, N, K, G, O)
+
+
+def test_variant_dispatch():
+    cuda = lambda arch: tvm.target.Target({"kind": "cuda", "arch": arch})  # noqa: E731
+    assert variant_for(LLVM) == "cpu"
+    assert [variant_for(cuda(a)) for a in ("sm_80", "sm_86", "sm_89")] == ["sm80_int4"] * 3
+    assert [variant_for(cuda(a)) for a in ("sm_90", "sm_90a")] == ["sm90_int8"] * 2
+    with pytest.raises(UserError, match="sm_90a"):
+        variant_for(cuda("sm_75"))
