@@ -1,0 +1,145 @@
+"""Atom's outlier reorder: move each Linear input's K largest channels to the end.
+
+Per decoder layer there are four activation *sites*, each the input of one or more Linears:
+
+==========  =========================  ===============================  ===========================
+site        activation                 weights it permutes              where the permutation lives
+==========  =========================  ===============================  ===========================
+attn_in     input_layernorm output     q/k/v columns, norm weight       runtime index (norm kernel)
+mlp_in      post_attention_layernorm   gate/up columns, norm weight     runtime index (norm kernel)
+o_in        attention output           o_proj columns                   runtime index (o_proj input)
+down_in     SiLU(gate) * up            gate/up rows, down_proj columns  folded, no runtime cost
+==========  =========================  ===============================  ===========================
+
+Each site's permutation keeps the ordinary channels in their original order and appends the
+``n_outliers`` channels with the largest calibration sum of squares (ascending channel index), so
+a quantizer can treat the last ``n_outliers`` channels as the high-precision block.
+
+Why the norm sites need a runtime index: the residual stream is shared by every layer, and each
+layer wants its own order, so the stream stays in the original order (as in the paper). RMSNorm's
+statistic is a sum over all channels, so ``norm(x)[P] * w[P] == norm(x[P]) * w[P]``: the fused norm
+kernel reads the residual through the index ``P`` while writing its output, with the norm weight
+permuted offline. The attention output is head-major and its channel order is fixed by attention
+itself, so o_proj's input is gathered at runtime too. The intermediate channels of the MLP, in
+contrast, are produced by gate/up rows and consumed elementwise, so permuting those rows and
+down_proj's columns folds the order into the weights entirely.
+
+On a Hugging Face model, :func:`attach_runtime_indices` emulates the runtime indices with forward
+pre-hooks (gathering the norm inputs and o_proj's input) so the reordered model computes exactly
+what the original does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atom_tvm.errors import UserError
+from atom_tvm.quantization.calibrate import CalibrationStats
+
+# Site -> the Linear (under model.layers.N) whose input statistics choose the permutation.
+SITE_LINEARS = {
+    "attn_in": "self_attn.q_proj",
+    "o_in": "self_attn.o_proj",
+    "mlp_in": "mlp.gate_proj",
+    "down_in": "mlp.down_proj",
+}
+RUNTIME_SITES = ("attn_in", "mlp_in", "o_in")
+# Linears that read each site's activation (their input columns are permuted).
+SITE_CONSUMERS = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_in": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_in": ("mlp.down_proj",),
+}
+# RMSNorm whose output is each norm site (reads its input through the runtime index).
+SITE_NORMS = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}
+
+Plan = dict[int, dict[str, np.ndarray]]
+
+
+def outlier_permutation(sumsq: np.ndarray, n_outliers: int) -> np.ndarray:
+    """Channel order with the ``n_outliers`` largest-``sumsq`` channels last (int64 [K]).
+
+    Ties are broken towards the lower channel index, so the choice is deterministic.
+    """
+    sumsq = np.asarray(sumsq)
+    k = sumsq.shape[-1]
+    if not 0 <= n_outliers <= k:
+        raise UserError(f"{n_outliers} outlier channels do not fit {k} channels; use --n-outliers "
+                        f"between 0 and {k}")
+    ranked = np.argsort(-sumsq, kind="stable")
+    outliers = np.zeros(k, dtype=bool)
+    outliers[ranked[:n_outliers]] = True
+    channels = np.arange(k)
+    return np.concatenate([channels[~outliers], channels[outliers]])
+
+
+def plan_reorder(stats: CalibrationStats, n_layers: int, n_outliers: int) -> Plan:
+    """Every site's permutation for layers ``0 .. n_layers-1``."""
+    return {i: {site: outlier_permutation(stats.sumsq_for(f"model.layers.{i}.{linear}"), n_outliers)
+                for site, linear in SITE_LINEARS.items()}
+            for i in range(n_layers)}
+
+
+def runtime_indices(plan: Plan) -> Plan:
+    """The permutations a runtime must apply (norm outputs and o_proj input), per layer."""
+    return {i: {site: perms[site] for site in RUNTIME_SITES} for i, perms in plan.items()}
+
+
+def apply_reorder(model, plan: Plan) -> None:
+    """Fold ``plan`` into the weights of ``model`` in place (see the module doc for each site)."""
+    import torch
+
+    layers = model.model.layers
+    with torch.no_grad():
+        for i, perms in plan.items():
+            layer = layers[i]
+            for site, perm in perms.items():
+                index = torch.as_tensor(perm, device=layer.input_layernorm.weight.device)
+                for name in SITE_CONSUMERS[site]:
+                    linear = layer.get_submodule(name)
+                    linear.weight.copy_(linear.weight[:, index])
+                if site in SITE_NORMS:
+                    norm = getattr(layer, SITE_NORMS[site])
+                    norm.weight.copy_(norm.weight[index])
+                if site == "down_in":  # the producers: gate and up rows, in step
+                    for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                        linear.weight.copy_(linear.weight[index])
+                        if linear.bias is not None:
+                            linear.bias.copy_(linear.bias[index])
+
+
+def _gather_hook(index):
+    def pre_hook(module, args):
+        return (args[0].index_select(-1, index), *args[1:])
+    return pre_hook
+
+
+def attach_runtime_indices(model, indices: Plan) -> list:
+    """Emulate the runtime indices with pre-hooks that gather each site's input; returns the handles.
+
+    The hooks are prepended so they run before any other pre-hook (e.g. a fake quantizer) on the
+    same module, which must see the reordered activation.
+    """
+    import torch
+
+    handles = []
+    for i, perms in indices.items():
+        layer = model.model.layers[i]
+        for site, perm in perms.items():
+            module = getattr(layer, SITE_NORMS[site]) if site in SITE_NORMS else layer.get_submodule(
+                SITE_CONSUMERS[site][0])
+            index = torch.as_tensor(perm, device=layer.input_layernorm.weight.device)
+            handles.append(module.register_forward_pre_hook(_gather_hook(index), prepend=True))
+    return handles
+
+
+def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128):
+    """Reorder ``model`` in place; returns (model, runtime indices {layer: {site: int64 [K]}}).
+
+    The model alone is *not* equivalent to the original until the runtime indices are applied
+    (by the compiled kernels, or by :func:`attach_runtime_indices` on the Hugging Face model).
+    """
+    plan = plan_reorder(stats, len(model.model.layers), n_outliers)
+    apply_reorder(model, plan)
+    return model, runtime_indices(plan)
