@@ -8,10 +8,17 @@ run it at several M (M is dynamic).
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tvm
+
+from atom_tvm import cuda_build
 
 from atom_tvm.errors import UserError
 from atom_tvm.quantization.formats import (
@@ -20,6 +27,7 @@ from atom_tvm.quantization.formats import (
     quantize_atom_weight,
     unpack_int4,
 )
+from tir_kernels.gemm_common import KernelSpec, build_kernel, build_kernels
 from tir_kernels.w4a4_gemm import (
     W4A4Shape,
     atom_args,
@@ -54,15 +62,18 @@ def random_operands(seed: int, M: int, shape: W4A4Shape, residual: bool) -> list
     return args
 
 
-def reference(args, shape: W4A4Shape, residual: bool) -> np.ndarray:
-    return w4a4_gemm_reference(*args[:8], shape.G, args[8] if residual else None)
+def reference(args, shape: W4A4Shape, residual: bool, fused: bool = False) -> np.ndarray:
+    return w4a4_gemm_reference(*args[:8], shape.G, args[8] if residual else None, fused=fused)
 
 
 def assert_bit_exact(out: np.ndarray, ref: np.ndarray, what: str) -> None:
     bad = out.view(np.uint16) != ref.view(np.uint16)
     if bad.any():
-        i = tuple(np.argwhere(bad)[0])
-        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} differ, first at {i}: {out[i]} != {ref[i]}")
+        where = np.argwhere(bad)
+        i = tuple(where[0])
+        raise AssertionError(
+            f"{what}: {bad.sum()} of {bad.size} differ, first at {i}: {out[i]} != {ref[i]}; "
+            f"rows mod 16 {sorted(set(where[:, 0] % 16))}, columns mod 8 {sorted(set(where[:, 1] % 8))}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,3 +206,112 @@ def test_variant_dispatch():
     assert [variant_for(cuda(a)) for a in ("sm_90", "sm_90a")] == ["sm90_int8"] * 2
     with pytest.raises(UserError, match="sm_90a"):
         variant_for(cuda("sm_75"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA builds (no GPU needed): every variant compiles, with the instructions it is meant to use
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_toolchain():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed (CUDA toolkit needed to build the CUDA variants)")
+    if cuda_build.find_cuobjdump() is None:
+        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
+    cuda_build.enable_cuda_codegen()
+
+
+def find_nvdisasm() -> str | None:
+    """nvdisasm (which cuobjdump --dump-sass runs) from PATH or the nvidia-cuda-nvdisasm wheel."""
+    if shutil.which("nvdisasm"):
+        return shutil.which("nvdisasm")
+    try:
+        files = importlib.metadata.files("nvidia-cuda-nvdisasm") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [Path(f.locate()) for f in files if f.name == "nvdisasm"]
+    return str(found[0]) if found else None
+
+
+def sass_of(lib: Path, arch: str) -> str:
+    """The SASS for ``arch`` of every fatbin in an exported library."""
+    nvdisasm = find_nvdisasm()
+    if nvdisasm is None:
+        pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm) to read SASS")
+    env = {**os.environ, "PATH": f"{Path(nvdisasm).parent}{os.pathsep}{os.environ['PATH']}"}
+    text = []
+    for i, fatbin in enumerate(cuda_build.find_fatbins(lib.read_bytes())):
+        blob = lib.parent / f"{lib.stem}.{i}.fatbin"
+        blob.write_bytes(fatbin)
+        proc = subprocess.run([cuda_build.find_cuobjdump(), "--dump-sass", "--gpu-architecture", arch, str(blob)],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        text.append(proc.stdout)
+    return "\n".join(text)
+
+
+@pytest.mark.parametrize(
+    "kind, archs, int4_mma",
+    [("gemm", ("sm_80", "sm_89"), 16), ("gemm", ("sm_90a",), 0), ("gemv", ("sm_90a",), 0)],
+    ids=["sm80_int4", "sm90_int8", "gemv"],
+)
+def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma):
+    """Each variant compiles to SASS for its archs. sm80_int4 runs the INT4 groups on the native
+    IMMA.16864.S4 (16 per step: a 64x32 warp tile) and only the outliers on INT8 IMMA; Hopper
+    never touches the emulated INT4 IMMA."""
+    spec = KernelSpec(kind, archs, 576, 1536, 64, 128, True)
+    lib = Path(build_kernel(spec, str(tmp_path)))
+    assert cuda_build.list_cuda_codes(lib) == {"sass": list(archs), "ptx": [archs[0]]}
+    sass = sass_of(lib, archs[0])
+    assert sass.count("IMMA.16864.S4.S4") == int4_mma
+    assert "IMMA.16832.S8.S8" in sass
+    assert "I2F" not in sass  # group sums convert through the float-magic FADD
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: every CUDA variant against the reference
+# ---------------------------------------------------------------------------------------------
+
+_ROWS = {"gemm": (1, 7, 16, 33, 128, 1000), "gemv": (1, 2, 7, 16)}
+
+
+def _gpu_cases():
+    for kind, archs in (("gemm", ("sm_90a",)), ("gemm", ("sm_80", "sm_90a")), ("gemv", ("sm_90a",))):
+        for (N, K, G), big in [(nkg, False) for nkg in SMOLLM2] + [(nkg, True) for nkg in LLAMA2_7B]:
+            for O in (0, 128):
+                rows = (1, 16, 128) if big and kind == "gemm" else _ROWS[kind]
+                yield KernelSpec(kind, archs, N, K, G, O, residual=O == 128), rows
+        # 256 outliers: sums up to exactly 2^22 (the magic conversion's edge); 384: the I2F path.
+        for O in (256, 384):
+            yield KernelSpec(kind, archs, 256, 640 if O == 256 else 768, 128, O, residual=True), _ROWS[kind]
+
+
+GPU_CASES = list(_gpu_cases())
+
+
+@pytest.fixture(scope="session")
+def gpu_libraries(tmp_path_factory):
+    """All GPU test kernels, built once, in parallel."""
+    out = tmp_path_factory.mktemp("w4a4-cuda")
+    cuda_build.enable_cuda_codegen()
+    return build_kernels([spec for spec, _ in GPU_CASES], str(out))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec, rows", GPU_CASES, ids=[s.file_name()[5:-3] for s, _ in GPU_CASES])
+def test_cuda_variant_matches_reference(gpu_libraries, spec, rows):
+    """Bit-exact to the reference with each acc + p * s fused into one FMA, as nvcc contracts it.
+    (Against the unfused reference that is one float16 ulp almost everywhere, but not a bound:
+    where a sum cancels, the float32 rounding the FMA skips can show as 2 ulp.)"""
+    dev = tvm.cuda(0)
+    func = tvm.runtime.load_module(gpu_libraries[spec])[spec.function_name()]
+    shape = W4A4Shape(spec.N, spec.K, spec.G, spec.O)
+    for M in rows:
+        seed = fresh_seed()
+        args = random_operands(seed, M, shape, spec.residual)
+        y = tvm.runtime.tensor(np.zeros((M, spec.N), np.float16), dev)
+        func(*[tvm.runtime.tensor(a, dev) for a in args], y)
+        out = y.numpy()
+        what = f"{spec.function_name()} M={M} {shape} seed={seed}"
+        assert_bit_exact(out, reference(args, shape, spec.residual, fused=True), what)

@@ -96,24 +96,51 @@ class W4A4Shape:
 
 
 def w4a4_gemm_reference(
-    a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, group_size: int, residual=None
+    a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, group_size: int, residual=None, fused=False
 ) -> np.ndarray:
-    """float16 ``[M, N]`` in the order the module docstring fixes (numpy float32 never fuses)."""
+    """float16 ``[M, N]`` in the order the module docstring fixes (numpy float32 never fuses).
+
+    ``fused=True`` rounds each ``acc + f32(isum) * s`` once, as the FMA nvcc contracts it into:
+    the CUDA kernels match that bit for bit, and the plain reference within a float16 ulp.
+    """
     rows, cols = a_q4.shape[0], w_q4.shape[0]
     sa, sw = a_s4.astype(np.float32), w_s4.astype(np.float32)
     qa, qw = unpack_int4(a_q4), unpack_int4(w_q4)
+    step = _fma32 if fused else lambda x, s, acc: acc + x * s
     acc = np.zeros((rows, cols), np.float32)
     for g in range(a_s4.shape[1]):
         cut = slice(g * group_size, (g + 1) * group_size)
         isum = _exact_int_dot(qa[:, cut], qw[:, cut])
-        acc = acc + isum * (sa[:, g, None] * sw[None, :, g])
+        acc = step(isum, sa[:, g, None] * sw[None, :, g], acc)
     if a_q8.shape[1]:
         isum = _exact_int_dot(a_q8, w_q8)
-        acc = acc + isum * (a_s8.astype(np.float32) * w_s8.astype(np.float32).T)
+        acc = step(isum, a_s8.astype(np.float32) * w_s8.astype(np.float32).T, acc)
     if residual is not None:
         acc = acc + residual.astype(np.float32)
     with np.errstate(over="ignore"):
         return acc.astype(np.float16)
+
+
+def _fma32(x: np.ndarray, s: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """float32 ``fma(x, s, acc)``, rounded once, for arrays.
+
+    ``x * s`` is exact in float64 and TwoSum gives the float64 sum ``t`` with its exact error
+    ``e``. Rounding ``t`` to float32 is then correct unless ``t`` sits exactly on a float32
+    midpoint (no other midpoint can lie between ``t`` and the exact sum, since midpoints are
+    float64 numbers); there ``e`` breaks the tie.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = x.astype(np.float64) * s.astype(np.float64)
+        c = np.broadcast_to(acc, p.shape).astype(np.float64)
+        t = p + c
+        back = t - p
+        e = (p - (t - back)) + (c - back)
+        r = t.astype(np.float32)
+        toward = np.nextafter(r, np.where(t > r, np.float32(np.inf), np.float32(-np.inf)))
+        midpoint = (r.astype(np.float64) + toward.astype(np.float64)) * 0.5 == t
+        nudge = midpoint & (e != 0) & np.isfinite(t)
+        r = np.where(nudge & ((e > 0) == (toward > r)), toward, r)
+    return r
 
 
 def _exact_int_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,0 +1,205 @@
+"""Benchmark the W4A4 GEMM (Hopper path) against cuBLAS fp16 and int8 through torch.
+
+    python bench/gemm.py --json docs/bench/gemm_h200.json --png docs/bench/gemm_h200.png
+    python bench/gemm.py --plot docs/bench/gemm_h200.json --png docs/bench/gemm_h200.png
+
+The first form needs a GPU, torch and TVM with its compiler; the second only matplotlib (the PNG
+can be drawn wherever matplotlib is). Kernel times are GPU time from the CUDA profiler, summed
+over every kernel an operation launches (cuBLAS may run two), so Python launch overhead, which
+is larger than a decode GEMV, does not count. Every call reads a different copy of the weights
+(at least 256 MiB of copies), so memory-bound rows measure HBM, not the 50 MiB L2.
+
+What is timed: the GEMM alone on operands already in their formats (pre-quantized INT4/INT8
+codes and scales for W4A4; fp16 for cuBLAS fp16; int8 for torch._int_mm, whose int32 output
+is not rescaled). W4A4 runs `w4a4_gemv` for M <= 16 (both kernels are timed there) and
+`w4a4_gemm` above. torch._int_mm needs M > 16, so its M <= 16 rows run 32 padded rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: (label, N, K): K counts all input channels, of which O = 128 are INT8 outliers.
+SHAPES = [("4096x4096", 4096, 4096), ("llama2-7b up/gate", 11008, 4096), ("llama2-7b down", 4096, 11008)]
+ROWS = (1, 16, 128, 512, 1024, 4096)
+G, O = 128, 128
+ARCHS = ("sm_90a",)
+ROTATE_BYTES = 256 << 20
+#: H200 HBM3e bandwidth on the data sheet, for the GEMV rows.
+HBM_GBPS = 4800
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the measurements here")
+    parser.add_argument("--png", type=Path, help="draw the TOPS plot here")
+    parser.add_argument("--plot", type=Path, help="only draw --png from this earlier --json")
+    parser.add_argument("--iters", type=int, default=30)
+    args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.png)
+        return
+    result = measure(args.iters)
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.png:
+        plot(result, args.png)
+
+
+def measure(iters: int) -> dict:
+    import torch
+    import tvm
+
+    from tir_kernels.gemm_common import KernelSpec, build_kernels
+
+    specs = {(label, kind): KernelSpec(kind, ARCHS, N, K, G, O, False)
+             for label, N, K in SHAPES for kind in ("gemm", "gemv")}
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = build_kernels(specs.values(), tmp)
+        funcs = {key: tvm.runtime.load_module(libs[spec])[spec.function_name()] for key, spec in specs.items()}
+
+    rows = []
+    for label, N, K in SHAPES:
+        weights = _rotating(lambda: _w4a4_weight(torch, N, K), ROTATE_BYTES)
+        fp16_w = _rotating(lambda: torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02, ROTATE_BYTES)
+        int8_w = _rotating(lambda: torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8), ROTATE_BYTES)
+        for M in ROWS:
+            act = _w4a4_activation(torch, M, K)
+            y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            tvm_act = [tvm.runtime.from_dlpack(t) for t in act]
+            tvm_w = [[tvm.runtime.from_dlpack(t) for t in w] for w in weights]
+            tvm_y = tvm.runtime.from_dlpack(y)
+            row = {"shape": label, "M": M, "N": N, "K": K, "O": O, "G": G}
+            kinds = ("gemv", "gemm") if M <= 16 else ("gemm",)
+            for kind in kinds:
+                func = funcs[(label, kind)]
+                row[f"{kind}_us"] = gpu_time(
+                    torch, lambda i: func(*tvm_act[:4], *tvm_w[i % len(tvm_w)], tvm_y), iters)
+            row["w4a4_us"] = min(row[f"{kind}_us"] for kind in kinds)
+            if M == 128:
+                row["checked"] = check(torch, funcs[(label, "gemm")], act, weights[0], N, K)
+            x16 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            row["fp16_us"] = gpu_time(torch, lambda i: torch.matmul(x16, fp16_w[i % len(fp16_w)].T), iters)
+            x8 = torch.randint(-127, 128, (max(M, 32), K), device="cuda", dtype=torch.int8)
+            row["int8_us"] = gpu_time(torch, lambda i: torch._int_mm(x8, int8_w[i % len(int8_w)].T), iters)
+            row["int8_rows"] = max(M, 32)
+            ops = 2 * M * N * K
+            for name in ("w4a4", "fp16", "int8"):
+                row[f"{name}_tops"] = ops / row[f"{name}_us"] / 1e6
+            row["vs_fp16"] = row["fp16_us"] / row["w4a4_us"]
+            row["vs_int8"] = row["int8_us"] / row["w4a4_us"]
+            row["weight_gbps"] = w4a4_weight_bytes(N, K) / row["w4a4_us"] / 1e3
+            rows.append(row)
+            print(f"{label:18s} M={M:5d} w4a4 {row['w4a4_us']:9.2f} us  fp16 {row['fp16_us']:9.2f} us"
+                  f"  int8 {row['int8_us']:9.2f} us", flush=True)
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_gbps": HBM_GBPS,
+            "G": G, "O": O, "rows": rows}
+
+
+def w4a4_weight_bytes(N: int, K: int) -> int:
+    """Bytes of one W4A4 weight: packed INT4, fp16 group scales, INT8 outliers, outlier scales."""
+    normal = K - O
+    return N * (normal // 2 + normal // G * 2 + O + 2)
+
+
+def _w4a4_weight(torch, N: int, K: int):
+    """Random codes over the full ranges and small fp16 scales, in the kernel's layouts."""
+    normal = K - O
+    return [torch.randint(0, 256, (N, normal // 2), device="cuda", dtype=torch.uint8),
+            torch.rand(N, normal // G, device="cuda", dtype=torch.float16) * 0.01,
+            torch.randint(-128, 128, (N, O), device="cuda", dtype=torch.int8),
+            torch.rand(N, 1, device="cuda", dtype=torch.float16) * 0.001]
+
+
+def _w4a4_activation(torch, M: int, K: int):
+    return _w4a4_weight(torch, M, K)
+
+
+def _rotating(make, total_bytes: int) -> list:
+    """Enough copies of ``make()`` to span ``total_bytes``, so consecutive calls miss in L2."""
+    first = make()
+    tensors = first if isinstance(first, list) else [first]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return [first] + [make() for _ in range(max(1, math.ceil(total_bytes / size)) - 1)]
+
+
+def gpu_time(torch, call, iters: int) -> float:
+    """Mean GPU time per call in microseconds: the profiler's kernel durations, summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(3):
+        call(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            call(i)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and not e.name.startswith("Memcpy")]
+    if not kernels:
+        raise RuntimeError("the profiler saw no kernels (CUPTI unavailable?)")
+    return sum(e.device_time for e in kernels) / iters
+
+
+def check(torch, func, act, weight, N: int, K: int) -> bool:
+    """The timed kernel's output equals the fused reference (one M per shape)."""
+    import tvm
+
+    from tir_kernels.w4a4_gemm import w4a4_gemm_reference
+
+    y = torch.empty(act[0].shape[0], N, device="cuda", dtype=torch.float16)
+    func(*[tvm.runtime.from_dlpack(t) for t in act + weight], tvm.runtime.from_dlpack(y))
+    host = [t.cpu().numpy() for t in act + weight]
+    ref = w4a4_gemm_reference(*host, G, fused=True)
+    return bool(np.array_equal(y.cpu().numpy().view(np.uint16), ref.view(np.uint16)))
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['device']}  (TOPS = 2MNK / time; W4A4 G={result['G']}, O={result['O']})")
+    print(f"| shape | M | W4A4 us | fp16 us | int8 us | W4A4 TOPS | fp16 TFLOPS | int8 TOPS "
+          f"| vs fp16 | vs int8 | W4A4 weight GB/s |")
+    print("|" + "---|" * 11)
+    for r in result["rows"]:
+        print(f"| {r['shape']} | {r['M']} | {r['w4a4_us']:.1f} | {r['fp16_us']:.1f} | {r['int8_us']:.1f} "
+              f"| {r['w4a4_tops']:.0f} | {r['fp16_tops']:.0f} | {r['int8_tops']:.0f} "
+              f"| {r['vs_fp16']:.2f}x | {r['vs_int8']:.2f}x | {r['weight_gbps']:.0f} |")
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), sharey=True)
+    for ax, shape in zip(np.atleast_1d(axes), shapes):
+        rows = [r for r in result["rows"] if r["shape"] == shape]
+        ms = [r["M"] for r in rows]
+        for key, label in (("w4a4", "W4A4 (TVM, mma.sync s8)"), ("fp16", "cuBLAS fp16"), ("int8", "cuBLAS int8")):
+            ax.plot(ms, [r[f"{key}_tops"] for r in rows], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{shape} (N={rows[0]['N']}, K={rows[0]['K']})")
+        ax.set_xlabel("M (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("TOPS (2MNK / GPU time)")
+    np.atleast_1d(axes)[0].legend()
+    fig.suptitle(result["device"])
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""The tiled tensor-core kernel behind the CUDA W4A4 variants (hand-written TVMScript).
+
+One skeleton, three configurations (`TILED` and `GEMV`)::
+
+    grid (ceil(N / BN), ceil(M / BM)), one block of WM x WN warps, warp tile (BM/WM) x (BN/WN)
+    for every 32-byte step of K (64 INT4 channels, or 32 INT8 outlier channels):
+        cp.async the step's A and W bytes to shared memory, STAGES steps ahead
+        ldmatrix the packed bytes straight into mma fragments
+        mma.sync into int32 group sums
+        at the end of a group (or of the outlier block): acc += f32(isum) * (s_a * s_w); isum = 0
+    y = f16(acc (+ residual))
+
+Why packed bytes go to ``ldmatrix`` unchanged: ``ldmatrix`` hands thread ``(g, t)`` (g = lane/4,
+t = lane%4) the 32-bit word ``t`` of row ``g`` of an 8-row x 16-byte tile, and that is exactly
+the word the ``mma.sync`` A/B fragments want (rows g and g+8, words t and t+4 of the k-slice).
+A word of packed INT4 holds 8 consecutive channels, low nibble first, which is the ``.s4``
+operand order, so ``sm80_int4`` feeds ``m16n8k64 s4`` with the loaded registers as they are.
+
+Hopper (``sm90_int8``, and ``gemv`` everywhere) widens each packed word ``x`` into two INT8
+words: ``(x << 4) & 0xF0F0F0F0`` (the low nibbles) and ``x & 0xF0F0F0F0`` (the high ones). That
+is two instructions, but it gives each code times 16, not the code: every INT4 product comes out
+256 times too large. The sums stay exact (|isum| <= 256 * 64 * 128 = 2^21) and the factor is
+taken out of the activation scale when it is staged, ``s_a * 2^-8``; scaling by a power of two
+commutes with float rounding, so ``f32(256 isum) * ((s_a 2^-8) * s_w)`` is bit for bit the
+reference's ``f32(isum) * (s_a * s_w)``. Low and high nibbles land in different k-slots of the
+mma, which is harmless: A and W are permuted the same way and a dot product does not care.
+
+Shared-memory tiles are rows of 32 bytes (two 16-byte chunks). ``ldmatrix`` reads one chunk of
+8 consecutive rows, which would hit the same banks twice; chunk index ``L = 2 row + c`` is stored
+at ``L ^ ((L >> 3) & 1)``, so those 8 chunks fill 8 distinct bank groups.
+
+Scales are fp16 ``[rows, groups]``, i.e. strided along the rows of a tile, which cp.async cannot
+gather; each thread loads one scale of the step ``STAGES - 1`` ahead into a register when it
+issues that step's copies, and stores it to shared memory after its own mma work, so the load's
+latency hides behind the step's compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm.script import tirx as T
+
+from atom_tvm.errors import UserError
+from tir_kernels.w4a4_gemm import W4A4Shape, _match_rows
+
+#: Bytes of one row per pipeline step: 64 INT4 or 32 INT8 channels, two 16-byte chunks.
+STEP_BYTES = 32
+#: Factor the nibble widening puts on every INT4 product (16 per operand).
+WIDEN_FACTOR = 256
+#: Start value of the int32 group sums: the bits of 1.5 * 2^23 as float32 (see close_group).
+MAGIC = 0x4B400000
+MAGIC_FLOAT = 12582912.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Block tile, warp grid, pipeline depth and INT4 instruction of one kernel configuration."""
+
+    name: str
+    block_m: int
+    block_n: int
+    warps_m: int
+    warps_n: int
+    stages: int
+    widen: bool  # INT4 -> INT8 in registers and m16n8k32 s8; else native m16n8k64 s4
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    @property
+    def m_frags(self) -> int:
+        """16-row mma tiles per warp."""
+        return self.block_m // self.warps_m // 16
+
+    @property
+    def n_frags(self) -> int:
+        """8-column mma tiles per warp."""
+        return self.block_n // self.warps_n // 8
+
+
+#: 128x128 blocks of 8 warps (64x32 each): 64 int32 sums and 64 float accumulators per thread,
+#: 4 stages = 32 KiB of tiles, under the 48 KiB of static shared memory every arch has.
+TILED = {
+    "sm90_int8": TileConfig("sm90_int8", 128, 128, 2, 4, 4, widen=True),
+    "sm80_int4": TileConfig("sm80_int4", 128, 128, 2, 4, 4, widen=False),
+}
+#: Decode: one 16-row tile, 32-column blocks (N/32 blocks fill the GPU), 4 warps of 16x8 and a
+#: 12-step copy pipeline (18 KiB in flight per block) so the weights stream at memory speed.
+#: INT8 mma because m16n8k64 s4 is emulated on Hopper and the mma is not the bottleneck here.
+GEMV = TileConfig("gemv", 16, 32, 1, 4, 24, widen=True)
+
+
+def check_cuda_shape(shape: W4A4Shape) -> None:
+    """The CUDA kernels step through the outlier block 32 channels at a time."""
+    if shape.O % STEP_BYTES:
+        raise UserError(f"the CUDA W4A4 kernels need O % 32 == 0 outliers, got O = {shape.O}; use 128")
+    if shape.K == 0:
+        raise UserError("K = 0: nothing to multiply")
+
+
+def _lo_nibbles(x):
+    """The 4 low nibbles of a packed word as INT8 codes times 16."""
+    return T.bitwise_and(T.shift_left(x, T.uint32(4)), T.uint32(0xF0F0F0F0))
+
+
+def _hi_nibbles(x):
+    """The 4 high nibbles of a packed word as INT8 codes times 16."""
+    return T.bitwise_and(x, T.uint32(0xF0F0F0F0))
+
+
+def _swizzle(row, chunk):
+    """Byte offset of 16-byte chunk ``chunk`` of tile row ``row`` (see the module docstring)."""
+    linear = row * 2 + chunk
+    return T.bitwise_xor(linear, T.bitwise_and(T.shift_right(linear, 3), 1)) * 16
+
+
+def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tvm.tirx.PrimFunc:
+    """The W4A4 GEMM of `tir_kernels.w4a4_gemm` as one CUDA kernel with configuration ``cfg``."""
+    check_cuda_shape(shape)
+    N, O, G = shape.N, shape.O, shape.G
+    BM, BN, S, THREADS = cfg.block_m, cfg.block_n, cfg.stages, cfg.threads
+    WN, MI, NI = cfg.warps_n, cfg.m_frags, cfg.n_frags
+    TM, TN = BM // cfg.warps_m, BN // WN
+    STEPS_PER_GROUP = G // 64
+    NORMAL_STEPS = shape.normal // 64
+    OUTLIER_STEPS = O // STEP_BYTES
+    STEPS = NORMAL_STEPS + OUTLIER_STEPS
+    CHUNK_ROUNDS = -(-2 * (BM + BN) // THREADS)
+    SCALE_ROUNDS = -(-(BM + BN) // THREADS)
+    GROUPS = max(shape.groups, 1)  # a divisor only; K == O has no INT4 groups
+    A_SCALE = 1.0 / WIDEN_FACTOR if cfg.widen else 1.0
+    ACC = MI * NI * 4
+    OUTLIER_MAGIC = 128 * 128 * O <= 1 << 22
+    int4_mma = ("m16n8k32", "int8") if cfg.widen else ("m16n8k64", "int4")
+
+    # Step helpers, expanded inside `body`; they take its thread index, tiles and registers.
+    @T.macro
+    def copy_chunk(tile, offset, q4, q8, row, step, half):
+        """cp.async 16 bytes: chunk `half` of `row`'s bytes of `step` (INT4 or outlier part)."""
+        dst = tile.ptr_to([offset])
+        if step < NORMAL_STEPS:
+            src = q4.ptr_to([row, step * STEP_BYTES + half * 16])
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, src, 16))
+        else:
+            src = q8.ptr_to([row, (step - NORMAL_STEPS) * STEP_BYTES + half * 16])
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, src, 16))
+
+    @T.macro
+    def copy_step(step, slot, tx, m0, n0, M, A4, A8, W4, W8, tile_a, tile_w):
+        """The A and W bytes of `step` into stage `slot`, one 16-byte chunk per thread and round.
+        Rows past the matrix are not copied: their stale bytes only reach outputs that are never
+        stored (an output row depends on its own A row alone, a column on its own W row)."""
+        for r in T.unroll(CHUNK_ROUNDS):
+            chunk = tx + r * THREADS
+            if chunk < 2 * BM:
+                if m0 + chunk // 2 < M:
+                    offset = slot * BM * STEP_BYTES + _swizzle(chunk // 2, chunk % 2)
+                    copy_chunk(tile_a, offset, A4, A8, m0 + chunk // 2, step, chunk % 2)
+            elif chunk < 2 * (BM + BN):
+                if n0 + chunk // 2 - BM < N:
+                    offset = slot * BN * STEP_BYTES + _swizzle(chunk // 2 - BM, chunk % 2)
+                    copy_chunk(tile_w, offset, W4, W8, n0 + chunk // 2 - BM, step, chunk % 2)
+
+    def closes_group(step):
+        """Whether `step` is the last of its INT4 group, or the last outlier step."""
+        return T.Or(T.And(step < NORMAL_STEPS, (step + 1) % STEPS_PER_GROUP == 0), step == STEPS - 1)
+
+    def scale_index(step, row):
+        """Flat index of `step`'s scale of `row` in the fp16 s4 [rows, groups] or s8 [rows, 1]."""
+        return T.Select(step < NORMAL_STEPS, row * GROUPS + step // STEPS_PER_GROUP, row)
+
+    @T.macro
+    def copy_scale_word(dst, s4, s8, row, step):
+        even = scale_index(step, row) // 2 * 2
+        if step < NORMAL_STEPS:
+            T.evaluate(T.ptx["cp.async.ca.shared.global"](dst, s4.ptr_to([even // GROUPS, even % GROUPS]), 4))
+        else:
+            T.evaluate(T.ptx["cp.async.ca.shared.global"](dst, s8.ptr_to([even, 0]), 4))
+
+    @T.macro
+    def copy_scales(step, slot, tx, m0, n0, M, AS4, AS8, WS4, WS8, scale_words):
+        """cp.async the aligned 4-byte word holding each row's scale for `step` (cp.async moves
+        4 bytes at least; the word's other half is a neighbouring scale, dropped when read)."""
+        if closes_group(step):
+            for r in T.unroll(SCALE_ROUNDS):
+                i = tx + r * THREADS
+                dst = scale_words.ptr_to([slot * (BM + BN) + i])
+                if i < BM:
+                    if m0 + i < M:
+                        copy_scale_word(dst, AS4, AS8, m0 + i, step)
+                elif i < BM + BN:
+                    if n0 + i - BM < N:
+                        copy_scale_word(dst, WS4, WS8, n0 + i - BM, step)
+
+    @T.macro
+    def load_fragments(slot, lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w):
+        """ldmatrix.x4 per 16-row A tile and per pair of 8-row W tiles (x2 for an odd one)."""
+        for mi in T.unroll(MI):
+            row = warp_m + mi * 16 + lane % 16
+            src = slot * BM * STEP_BYTES + _swizzle(row, lane // 16)
+            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", frag_a.data, mi * 4,
+                                             tile_a.data, src, dtype="uint8"))
+        for p in T.unroll(NI // 2):
+            row = warp_n + (2 * p + lane // 16) * 8 + lane % 8
+            src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
+            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", frag_w.data, p * 4,
+                                             tile_w.data, src, dtype="uint8"))
+        if NI % 2 == 1:
+            row = warp_n + (NI - 1) * 8 + lane % 8
+            src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
+            T.evaluate(T.ptx_legacy.ldmatrix(False, 2, ".b16", frag_w.data, (NI - 1) * 2,
+                                             tile_w.data, src, dtype="uint8"))
+
+    @T.macro
+    def mma_all(shape_name, dtype, a, b, isum):
+        for mi, ni in T.grid(MI, NI):
+            T.evaluate(T.ptx_legacy.mma(shape_name, "row", "col", dtype, dtype, "int32",
+                                        a.data, mi * 4, b.data, ni * 2,
+                                        isum.data, (mi * NI + ni) * 4, False, dtype="int32"))
+
+    @T.macro
+    def int4_step(frag_a, frag_w, wide_a, wide_w, isum):
+        if cfg.widen:
+            # Chunk h of the packed rows: rows g / g+8 are frag_a[4mi + 2h], [4mi + 2h + 1].
+            for h in T.unroll(2):
+                for mi in T.unroll(MI):
+                    for e in T.unroll(2):
+                        wide_a[mi * 4 + e] = _lo_nibbles(frag_a[mi * 4 + 2 * h + e])
+                        wide_a[mi * 4 + 2 + e] = _hi_nibbles(frag_a[mi * 4 + 2 * h + e])
+                for ni in T.unroll(NI):
+                    wide_w[ni * 2] = _lo_nibbles(frag_w[ni * 2 + h])
+                    wide_w[ni * 2 + 1] = _hi_nibbles(frag_w[ni * 2 + h])
+                mma_all("m16n8k32", "int8", wide_a, wide_w, isum)
+        else:
+            mma_all(int4_mma[0], int4_mma[1], frag_a, frag_w, isum)
+
+    def staged_scale(word, step, row):
+        """float32 of the fp16 scale of `row` in its staged aligned word (low half = even index)."""
+        shift = T.Cast("uint32", scale_index(step, row) % 2 * 16)
+        bits = T.Cast("uint16", T.bitwise_and(T.shift_right(word, shift), T.uint32(0xFFFF)))
+        return T.Cast("float32", T.reinterpret("float16", bits))
+
+    @T.macro
+    def close_group(step, exact_as_magic, lane, m0, n0, warp_m, warp_n, scale_words, row_scale,
+                    col_scale, isum, acc):
+        """acc += f32(isum) * (s_a * s_w) for this thread's fragment elements, then restart isum.
+
+        The scales come straight from the words staged for `step` (its last step), which this
+        step's barrier made visible: no extra barrier. The sums start at MAGIC, so a finished one
+        read as float32 is 1.5 * 2^23 + isum exactly (|isum| <= 2^22): one FADD converts it,
+        where I2F runs at a quarter of the FP32 rate. Larger sums (over 256 outliers) use I2F.
+        """
+        base = step % S * (BM + BN)
+        for mi, h in T.grid(MI, 2):
+            row = warp_m + mi * 16 + lane // 4 + h * 8
+            value = staged_scale(scale_words[base + row], step, m0 + row)
+            row_scale[mi * 2 + h] = T.Select(step < NORMAL_STEPS, value * T.float32(A_SCALE), value)
+        for ni, e in T.grid(NI, 2):
+            col = warp_n + ni * 8 + lane % 4 * 2 + e
+            col_scale[ni * 2 + e] = staged_scale(scale_words[base + BM + col], step, n0 + col)
+        for mi, ni, e in T.grid(MI, NI, 4):
+            i = (mi * NI + ni) * 4 + e
+            s = row_scale[mi * 2 + e // 2] * col_scale[ni * 2 + e % 2]
+            if exact_as_magic:
+                value = T.reinterpret("float32", isum[i]) - T.float32(MAGIC_FLOAT)
+            else:
+                value = T.Cast("float32", isum[i] - MAGIC)
+            acc[i] = acc[i] + value * s
+            isum[i] = MAGIC
+
+    @T.macro
+    def begin_step(step, tx, lane, m0, n0, M, warp_m, warp_n, copy_args, scale_args,
+                   tile_a, tile_w, frag_a, frag_w):
+        """Wait for `step`'s stage, refill the stage read one step ago, load `step`'s fragments."""
+        T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
+        T.tvm_storage_sync("shared")
+        ahead = step + S - 1
+        if ahead < STEPS:
+            copy_step(ahead, ahead % S, *copy_args)
+            copy_scales(ahead, ahead % S, *scale_args)
+        T.evaluate(T.ptx["cp.async.commit_group"]())
+        load_fragments(step % S, lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w)
+
+    @T.macro
+    def body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
+        M = T.int32()
+        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
+        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
+        Y = T.match_buffer(y, (M, N), "float16")
+        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+
+        bx = T.launch_thread("blockIdx.x", -(-N // BN))
+        by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
+        tx = T.launch_thread("threadIdx.x", THREADS)
+        tile_a = T.alloc_buffer((S * BM * STEP_BYTES,), "uint8", scope="shared")
+        tile_w = T.alloc_buffer((S * BN * STEP_BYTES,), "uint8", scope="shared")
+        scale_words = T.alloc_buffer((S * (BM + BN),), "uint32", scope="shared")
+        row_scale = T.alloc_buffer((MI * 2,), "float32", scope="local")
+        col_scale = T.alloc_buffer((NI * 2,), "float32", scope="local")
+        frag_a = T.alloc_buffer((MI * 4,), "uint32", scope="local")
+        frag_w = T.alloc_buffer((NI * 2,), "uint32", scope="local")
+        wide_a = T.alloc_buffer((MI * 4,), "uint32", scope="local")
+        wide_w = T.alloc_buffer((NI * 2,), "uint32", scope="local")
+        isum = T.alloc_buffer((ACC,), "int32", scope="local")
+        acc = T.alloc_buffer((ACC,), "float32", scope="local")
+
+        m0 = by * BM
+        n0 = bx * BN
+        lane = tx % 32
+        warp_m = tx // 32 // WN * TM
+        warp_n = tx // 32 % WN * TN
+        copy_args = (tx, m0, n0, M, A4, A8, W4, W8, tile_a, tile_w)
+        scale_args = (tx, m0, n0, M, AS4, AS8, WS4, WS8, scale_words)
+        close_args = (lane, m0, n0, warp_m, warp_n, scale_words, row_scale, col_scale, isum, acc)
+        step_args = (tx, lane, m0, n0, M, warp_m, warp_n, copy_args, scale_args,
+                     tile_a, tile_w, frag_a, frag_w)
+
+        for i in T.unroll(ACC):
+            isum[i] = MAGIC
+            acc[i] = T.float32(0)
+        for step in T.unroll(S - 1):
+            if step < STEPS:
+                copy_step(step, step, *copy_args)
+                copy_scales(step, step, *scale_args)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+
+        # Groups and the outlier block as loops of their own: no per-step branching between
+        # INT4 and INT8 work, so a group's steps are one straight run of code for nvcc.
+        for group in T.serial(shape.groups):
+            for h in T.unroll(STEPS_PER_GROUP):
+                begin_step(group * STEPS_PER_GROUP + h, *step_args)
+                int4_step(frag_a, frag_w, wide_a, wide_w, isum)
+            close_group(group * STEPS_PER_GROUP + STEPS_PER_GROUP - 1, True, *close_args)
+        for o in T.serial(OUTLIER_STEPS):
+            begin_step(NORMAL_STEPS + o, *step_args)
+            mma_all("m16n8k32", "int8", frag_a, frag_w, isum)
+        if OUTLIER_STEPS > 0:
+            close_group(STEPS - 1, OUTLIER_MAGIC, *close_args)
+
+        for mi, ni, h in T.grid(MI, NI, 2):
+            row = m0 + warp_m + mi * 16 + lane // 4 + h * 8
+            col = n0 + warp_n + ni * 8 + lane % 4 * 2
+            if row < M and col < N:
+                for e in T.unroll(2):
+                    value = acc[(mi * NI + ni) * 4 + h * 2 + e]
+                    if residual:
+                        Y[row, col + e] = T.Cast("float16", value + T.Cast("float32", R[row, col + e]))
+                    else:
+                        Y[row, col + e] = T.Cast("float16", value)
+
+    if residual:
+
+        @T.prim_func
+        def w4a4_gemm_cuda_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+                                    w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
+                                    res: T.handle, y: T.handle):
+            body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
+
+        return w4a4_gemm_cuda_residual.with_attr("global_symbol", kernel_name(cfg, True))
+
+    @T.prim_func
+    def w4a4_gemm_cuda(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+                       w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
+        body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
+
+    return w4a4_gemm_cuda.with_attr("global_symbol", kernel_name(cfg, False))
+
+
+def kernel_name(cfg: TileConfig, residual: bool) -> str:
+    """``w4a4_<config>[_residual]``: the PrimFunc's global symbol (and its CUDA kernel's prefix)."""
+    return f"w4a4_{cfg.name}" + ("_residual" if residual else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building many kernels at once (tests, benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One CUDA W4A4 library to build: ``kind`` "gemm" or "gemv", for ``archs``."""
+
+    kind: str
+    archs: tuple[str, ...]
+    N: int
+    K: int
+    G: int
+    O: int
+    residual: bool
+
+    def config(self) -> TileConfig:
+        from deploy.targets import make_target
+        from tir_kernels.w4a4_gemm import variant_for
+
+        return GEMV if self.kind == "gemv" else TILED[variant_for(make_target("cuda", list(self.archs)))]
+
+    def function_name(self) -> str:
+        """The PrimFunc's name in the built library."""
+        return kernel_name(self.config(), self.residual)
+
+    def file_name(self) -> str:
+        tag = "-".join(self.archs)
+        return f"w4a4_{self.kind}_{tag}_N{self.N}_K{self.K}_G{self.G}_O{self.O}_r{int(self.residual)}.so"
+
+
+def build_kernel(spec: KernelSpec, out_dir: str) -> str:
+    """Compile ``spec`` with nvcc (SASS for each arch, PTX of the lowest) and export it."""
+    import os
+
+    from atom_tvm import cuda_build
+    from deploy.targets import make_target
+    from tir_kernels.w4a4_gemm import w4a4_gemm, w4a4_gemv
+
+    cuda_build.enable_cuda_codegen()
+    target = make_target("cuda", list(spec.archs))
+    make = w4a4_gemm if spec.kind == "gemm" else w4a4_gemv
+    func = make(target, spec.N, spec.K, spec.G, spec.O, spec.residual)
+    with cuda_build.use_nvcc_fatbin(list(spec.archs)):
+        executable = tvm.compile(func, target)
+    path = os.path.join(out_dir, spec.file_name())
+    executable.export_library(path)
+    return path
+
+
+def build_kernels(specs, out_dir: str, processes: int | None = None) -> dict[KernelSpec, str]:
+    """`build_kernel` for every spec, in parallel processes (nvcc is the slow part)."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    specs = list(dict.fromkeys(specs))
+    processes = processes or min(len(specs), os.cpu_count() or 1)
+    if processes <= 1:
+        return {spec: build_kernel(spec, out_dir) for spec in specs}
+    # spawn: a fresh interpreter per worker, not a fork of one that holds TVM's thread pools.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        paths = pool.map(build_kernel, specs, [out_dir] * len(specs))
+        return dict(zip(specs, paths))
