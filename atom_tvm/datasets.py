@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import contextlib
 import functools
 import html
 import importlib.util
-import os
 import re
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from atom_tvm.errors import UserError
-from atom_tvm.staging import umask
+from atom_tvm.staging import atomic_output
 
 WIKIPEDIA = "wikipedia"
 SPLITS = ("train", "test")
@@ -292,24 +289,6 @@ def token_windows(ids: np.ndarray, length: int, count: int | None = None, seed: 
     if seed is None:
         return windows[:count]
     return windows[np.sort(np.random.default_rng(seed).choice(available, count, replace=False))]
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it vanishes.
-
-    A reader never sees a half-written file, and an interrupted run leaves the old one alone.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; give it the mode open() would
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

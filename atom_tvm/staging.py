@@ -71,3 +71,21 @@ def staged_output_dir(out: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 out.parent.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it vanishes.
+
+    A reader never sees a half-written file, and an interrupted run leaves the old one alone.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; give it the mode open() would
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
