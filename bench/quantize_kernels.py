@@ -1,0 +1,176 @@
+"""Memory bandwidth of the fused activation quantizers (tir_kernels/quantize.py) on a GPU.
+
+Each kernel is memory bound: it reads the fp16 activation once and writes the Atom layout
+(about a third of the bytes). The figure of merit is (bytes read + bytes written) / time, against
+the device-to-device copy bandwidth measured on the same GPU (4238 GB/s on the H200,
+shared/device/README.md). The reorder index and RMSNorm weight (a few KiB, cache resident) are
+not counted.
+
+Timing: one build per kernel (M is dynamic), random non-zero inputs, several input/output sets
+used in turn so that consecutive calls do not find their data in L2 (60 MB on the H200), a
+warm-up, then the median over repeats of the mean time of a batch of back-to-back calls between
+two device synchronizations.
+
+    python bench/quantize_kernels.py --json $OUT/quantize_kernels_h200.json
+
+``--variant cpu`` runs the same measurement on the CPU build (a smoke test of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tir_kernels import quantize as qk  # noqa: E402
+
+GROUP = 128
+OUTLIERS = 128
+CLIP = 0.9
+EPS = 1e-6
+L2_BYTES = 60 << 20
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _random_fp16(shape: tuple[int, ...], rng: np.random.Generator, block: np.ndarray) -> np.ndarray:
+    """Random-looking fp16 data of any size fast: a random block tiled from a random offset."""
+    size = math.prod(shape)
+    start = int(rng.integers(0, block.size))
+    return np.resize(np.roll(block, start), size).reshape(shape)
+
+
+def measure_copy(dev, repeats: int) -> float:
+    """Device-to-device copy bandwidth (bytes read + written) of a 1 GiB buffer, for reference."""
+    n = 1 << 29
+    src = tvm.runtime.tensor(np.ones(n, np.float16), dev)
+    dst = tvm.runtime.tensor(np.empty(n, np.float16), dev)
+    src.copyto(dst)
+    times = []
+    for _ in range(repeats):
+        dev.sync()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            src.copyto(dst)
+        dev.sync()
+        times.append((time.perf_counter() - t0) / 5)
+    return 2 * n * 2 / statistics.median(times) / 1e9
+
+
+def cases(hidden: list[int], intermediate: list[int]):
+    """(label, PrimFunc-maker, channels K, input width) for every kernel and size."""
+    for h in hidden:
+        yield ("rmsnorm_reorder_quantize", lambda v, h=h: qk.rmsnorm_reorder_quantize(
+            h, GROUP, OUTLIERS, CLIP, EPS, v), h, h)
+        yield ("reorder_quantize", lambda v, h=h: qk.reorder_quantize(h, GROUP, OUTLIERS, CLIP, v), h, h)
+    for i in intermediate:
+        yield ("silu_mul_quantize", lambda v, i=i: qk.silu_mul_quantize(i, GROUP, OUTLIERS, CLIP, v),
+               i, 2 * i)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=_ints, default=[4096, 8192, 16384], help="token counts M")
+    parser.add_argument("--hidden", type=_ints, default=[4096], help="H of the rmsnorm/reorder kernels")
+    parser.add_argument("--intermediate", type=_ints, default=[11008, 14336], help="I of silu_mul")
+    parser.add_argument("--variant", choices=qk.VARIANTS, default="cuda")
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--copy-gbps", type=float, default=4238.0,
+                        help="device-to-device copy bandwidth to compare with (H200: 4238)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+
+    dev = tvm.cuda(0) if args.variant == "cuda" else tvm.cpu(0)
+    archs = ()
+    if args.variant == "cuda":
+        major, minor = dev.compute_version.split(".")
+        arch = f"sm_{major}{minor}"
+        archs = ("sm_90a" if arch == "sm_90" else arch,)
+
+    all_cases = list(cases(args.hidden, args.intermediate))
+    funcs = [make(args.variant) for _, make, _, _ in all_cases]
+    start = time.perf_counter()
+    # One module: one nvcc run for every kernel.
+    exe = qk.build(tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs}), args.variant, archs)
+    print(f"built {len(funcs)} kernels for {args.variant} {' '.join(archs)} in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+
+    copy_gbps = measure_copy(dev, args.repeats) if args.variant == "cuda" else None
+    if copy_gbps:
+        print(f"device-to-device copy, 1 GiB: {copy_gbps:.0f} GB/s (read + write)", flush=True)
+
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal(1 << 22) * 2).astype(np.float16)
+    results = []
+    for (label, _, k, width), func in zip(all_cases, funcs):
+        kernel = exe[func.attrs["global_symbol"]]
+        consts = []
+        if label.startswith("rmsnorm"):
+            consts.append((1 + 0.1 * rng.standard_normal(k)).astype(np.float16))
+        if label != "silu_mul_quantize":
+            consts.append(rng.permutation(k).astype(np.int32))
+        consts = [tvm.runtime.tensor(c, dev) for c in consts]
+        for rows in args.rows:
+            shapes = qk.output_shapes(rows, k, GROUP, OUTLIERS)
+            bytes_in = rows * width * 2
+            bytes_out = sum(math.prod(s) * np.dtype(d).itemsize for s, d in shapes)
+            moved = bytes_in + bytes_out
+            n_sets = max(2, min(8, math.ceil(3 * L2_BYTES / moved)))
+            sets = []
+            for _ in range(n_sets):
+                x = tvm.runtime.tensor(_random_fp16((rows, width), rng, block), dev)
+                outs = [tvm.runtime.tensor(np.empty(s, d), dev) for s, d in shapes]
+                sets.append([x, *consts, *outs])
+            calls = max(n_sets, 20)
+            for args_ in sets:  # warm-up: module load, first-touch
+                kernel(*args_)
+            dev.sync()
+            times = []
+            for _ in range(args.repeats):
+                dev.sync()
+                t0 = time.perf_counter()
+                for c in range(calls):
+                    kernel(*sets[c % n_sets])
+                dev.sync()
+                times.append((time.perf_counter() - t0) / calls)
+            ms = statistics.median(times) * 1e3
+            gbps = moved / (ms * 1e-3) / 1e9
+            results.append({
+                "kernel": label, "rows": rows, "channels": k, "bytes_in": bytes_in,
+                "bytes_out": bytes_out, "ms": round(ms, 4), "gbps": round(gbps, 1),
+                "pct_of_copy": round(100 * gbps / args.copy_gbps, 1),
+            })
+            print(f"  {label} M={rows} K={k}: {ms:.4f} ms, {gbps:.0f} GB/s", flush=True)
+            del sets
+
+    device_name = dev.device_name if args.variant == "cuda" else "cpu"
+    print(f"\n{device_name}; % of {args.copy_gbps:.0f} GB/s copy bandwidth (bytes in + bytes out)")
+    print(f"{'kernel':<26} {'M':>6} {'K':>6} {'ms':>9} {'GB/s':>7} {'% copy':>7}")
+    for r in results:
+        print(f"{r['kernel']:<26} {r['rows']:>6} {r['channels']:>6} {r['ms']:>9.4f} "
+              f"{r['gbps']:>7.0f} {r['pct_of_copy']:>6.1f}%")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "device": device_name, "variant": args.variant, "archs": list(archs),
+            "group_size": GROUP, "n_outliers": OUTLIERS, "clip": CLIP,
+            "copy_gbps": args.copy_gbps, "measured_copy_gbps": copy_gbps and round(copy_gbps, 1),
+            "repeats": args.repeats,
+            "command": "python3 " + " ".join(sys.argv), "results": results,
+        }, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
