@@ -128,6 +128,30 @@ def test_reference_order_per_element():
     assert_bit_exact(reference(args, shape, True), want, "reference vs loop")
 
 
+def test_fused_reference_rounds_once():
+    """The fused reference's fma(x, s, acc) is the exactly rounded x * s + acc, including sums
+    that land on a float32 midpoint in float64 (where rounding twice would go wrong)."""
+    from fractions import Fraction
+
+    from tir_kernels.w4a4_gemm import _fma32
+
+    rng = np.random.default_rng(seed := fresh_seed())
+    x = rng.integers(-5000, 5000, 3000).astype(np.float32)
+    s = (rng.standard_normal(3000) * 1e-4).astype(np.float32)
+    acc = rng.standard_normal(3000).astype(np.float32)
+    acc[:1000] = -(x[:1000].astype(np.float64) * s[:1000]).astype(np.float32)  # cancellation
+    # 1 + 2^-23 + x s with x s = 2^-24 (1 - 2^-46): a midpoint in float64, just below it exactly.
+    x[-1], s[-1], acc[-1] = (1 + 2**-23) * 2**-12, (1 - 2**-23) * 2**-12, 1 + 2**-23
+    got = _fma32(x, s, acc)
+    for i in range(x.size):
+        exact = Fraction(float(x[i])) * Fraction(float(s[i])) + Fraction(float(acc[i]))
+        near = np.float32(float(exact))
+        candidates = (np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf)))
+        want = min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact), int(np.array(c).view(np.uint32)) & 1))
+        assert got[i] == want, f"seed={seed} i={i}: {got[i]!r} != {want!r}"
+    assert got[-1] == np.float32(1 + 2**-23)
+
+
 def test_dequantize_sym_agrees_with_unpacked_codes():
     """The GEMM reads the packed codes that formats.py writes (low nibble = even k)."""
     rng = np.random.default_rng(fresh_seed())

@@ -3,12 +3,17 @@
 One skeleton, three configurations (`TILED` and `GEMV`)::
 
     grid (ceil(N / BN), ceil(M / BM)), one block of WM x WN warps, warp tile (BM/WM) x (BN/WN)
-    for every 32-byte step of K (64 INT4 channels, or 32 INT8 outlier channels):
-        cp.async the step's A and W bytes to shared memory, STAGES steps ahead
-        ldmatrix the packed bytes straight into mma fragments
-        mma.sync into int32 group sums
-        at the end of a group (or of the outlier block): acc += f32(isum) * (s_a * s_w); isum = 0
+    K is walked in 32-byte steps (64 INT4 channels, or 32 INT8 outlier channels), G/64 steps
+    to a group; the outlier block is taken in pieces of the same size. Per group (or piece):
+        wait for its stages, one barrier, cp.async the stages STAGES - G/64 steps ahead
+        per step: ldmatrix the packed bytes straight into mma fragments, mma.sync into
+                  int32 group sums
+        at a group's end (or the outlier block's): acc += f32(isum) * (s_a * s_w); isum = 0
     y = f16(acc (+ residual))
+
+The float work per group is the same as the reference's, in the same order; nvcc contracts
+``acc + p * s`` into one FMA, so the kernels equal `w4a4_gemm_reference(..., fused=True)` bit
+for bit (and the unfused reference within a float16 ulp except where a sum cancels).
 
 Why packed bytes go to ``ldmatrix`` unchanged: ``ldmatrix`` hands thread ``(g, t)`` (g = lane/4,
 t = lane%4) the 32-bit word ``t`` of row ``g`` of an 8-row x 16-byte tile, and that is exactly
@@ -20,7 +25,7 @@ Hopper (``sm90_int8``, and ``gemv`` everywhere) widens each packed word ``x`` in
 words: ``(x << 4) & 0xF0F0F0F0`` (the low nibbles) and ``x & 0xF0F0F0F0`` (the high ones). That
 is two instructions, but it gives each code times 16, not the code: every INT4 product comes out
 256 times too large. The sums stay exact (|isum| <= 256 * 64 * 128 = 2^21) and the factor is
-taken out of the activation scale when it is staged, ``s_a * 2^-8``; scaling by a power of two
+taken out of the activation scale as it is read, ``s_a * 2^-8``; scaling by a power of two
 commutes with float rounding, so ``f32(256 isum) * ((s_a 2^-8) * s_w)`` is bit for bit the
 reference's ``f32(isum) * (s_a * s_w)``. Low and high nibbles land in different k-slots of the
 mma, which is harmless: A and W are permuted the same way and a dot product does not care.
@@ -29,10 +34,17 @@ Shared-memory tiles are rows of 32 bytes (two 16-byte chunks). ``ldmatrix`` read
 8 consecutive rows, which would hit the same banks twice; chunk index ``L = 2 row + c`` is stored
 at ``L ^ ((L >> 3) & 1)``, so those 8 chunks fill 8 distinct bank groups.
 
-Scales are fp16 ``[rows, groups]``, i.e. strided along the rows of a tile, which cp.async cannot
-gather; each thread loads one scale of the step ``STAGES - 1`` ahead into a register when it
-issues that step's copies, and stores it to shared memory after its own mma work, so the load's
-latency hides behind the step's compute.
+Scales are fp16 ``[rows, groups]``: one per row of a tile, 2 bytes apart from nothing useful,
+and cp.async moves 4 bytes at least. Each row's scale travels in the aligned 4-byte word that
+holds it (its neighbour, the other half, is dropped), in the same pipeline as the tiles, and
+each thread extracts the 16 scales its fragments need when it closes the group. A load into a
+register instead would stall every step on a global-memory round trip; float scales converted
+once into shared memory would need a second barrier per group.
+
+Rows past M (and columns past N) are never copied: the stale shared memory they leave only
+reaches outputs that are not stored. The only read outside the operands is the 2 bytes after
+the last scale of an array whose length is odd (the aligned word of its last element), which
+stays inside the allocation's granule and is discarded.
 """
 
 from __future__ import annotations
@@ -88,15 +100,17 @@ TILED = {
     "sm80_int4": TileConfig("sm80_int4", 128, 128, 2, 4, 4, widen=False),
 }
 #: Decode: one 16-row tile, 32-column blocks (N/32 blocks fill the GPU), 4 warps of 16x8 and a
-#: 12-step copy pipeline (18 KiB in flight per block) so the weights stream at memory speed.
+#: 24-step copy pipeline (36 KiB in flight per block) to keep the weight stream busy.
 #: INT8 mma because m16n8k64 s4 is emulated on Hopper and the mma is not the bottleneck here.
 GEMV = TileConfig("gemv", 16, 32, 1, 4, 24, widen=True)
 
 
 def check_cuda_shape(shape: W4A4Shape) -> None:
-    """The CUDA kernels step through the outlier block 32 channels at a time."""
-    if shape.O % STEP_BYTES:
-        raise UserError(f"the CUDA W4A4 kernels need O % 32 == 0 outliers, got O = {shape.O}; use 128")
+    """The CUDA kernels take the outlier block in pieces as long as one group's bytes (G/2)."""
+    if shape.O % (shape.G // 2):
+        raise UserError(
+            f"the CUDA W4A4 kernels need O to be a multiple of G/2 = {shape.G // 2}, got O = {shape.O}; "
+            "use 128")
     if shape.K == 0:
         raise UserError("K = 0: nothing to multiply")
 
@@ -128,6 +142,11 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
     NORMAL_STEPS = shape.normal // 64
     OUTLIER_STEPS = O // STEP_BYTES
     STEPS = NORMAL_STEPS + OUTLIER_STEPS
+    # Steps are taken in blocks of one group (G/64 steps), with one barrier per block; the
+    # outlier block is cut into blocks of the same size (check_cuda_shape).
+    SPB = STEPS_PER_GROUP
+    BLOCKS = STEPS // SPB
+    BLOCKS_IN_FLIGHT = S // SPB - 1
     CHUNK_ROUNDS = -(-2 * (BM + BN) // THREADS)
     SCALE_ROUNDS = -(-(BM + BN) // THREADS)
     GROUPS = max(shape.groups, 1)  # a divisor only; K == O has no INT4 groups
@@ -174,6 +193,7 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
 
     @T.macro
     def copy_scale_word(dst, s4, s8, row, step):
+        """cp.async the 4 bytes at the even index at or below `row`'s scale for `step`."""
         even = scale_index(step, row) // 2 * 2
         if step < NORMAL_STEPS:
             T.evaluate(T.ptx["cp.async.ca.shared.global"](dst, s4.ptr_to([even // GROUPS, even % GROUPS]), 4))
@@ -272,17 +292,21 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
             isum[i] = MAGIC
 
     @T.macro
-    def begin_step(step, tx, lane, m0, n0, M, warp_m, warp_n, copy_args, scale_args,
-                   tile_a, tile_w, frag_a, frag_w):
-        """Wait for `step`'s stage, refill the stage read one step ago, load `step`'s fragments."""
-        T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
+    def copy_block(block, copy_args, scale_args):
+        """Issue the copies of step block `block` (one group, or a group's worth of outliers)."""
+        for h in T.unroll(SPB):
+            copy_step(block * SPB + h, (block * SPB + h) % S, *copy_args)
+            copy_scales(block * SPB + h, (block * SPB + h) % S, *scale_args)
+
+    @T.macro
+    def begin_block(block, copy_args, scale_args):
+        """Wait for `block`'s stages (one barrier per block), then refill the stages that the
+        block before it used with block + BLOCKS_IN_FLIGHT."""
+        T.evaluate(T.ptx["cp.async.wait_group"](BLOCKS_IN_FLIGHT - 1))
         T.tvm_storage_sync("shared")
-        ahead = step + S - 1
-        if ahead < STEPS:
-            copy_step(ahead, ahead % S, *copy_args)
-            copy_scales(ahead, ahead % S, *scale_args)
+        if block + BLOCKS_IN_FLIGHT < BLOCKS:
+            copy_block(block + BLOCKS_IN_FLIGHT, copy_args, scale_args)
         T.evaluate(T.ptx["cp.async.commit_group"]())
-        load_fragments(step % S, lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w)
 
     @T.macro
     def body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
@@ -315,28 +339,30 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
         copy_args = (tx, m0, n0, M, A4, A8, W4, W8, tile_a, tile_w)
         scale_args = (tx, m0, n0, M, AS4, AS8, WS4, WS8, scale_words)
         close_args = (lane, m0, n0, warp_m, warp_n, scale_words, row_scale, col_scale, isum, acc)
-        step_args = (tx, lane, m0, n0, M, warp_m, warp_n, copy_args, scale_args,
-                     tile_a, tile_w, frag_a, frag_w)
+        fragment_args = (lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w)
 
         for i in T.unroll(ACC):
             isum[i] = MAGIC
             acc[i] = T.float32(0)
-        for step in T.unroll(S - 1):
-            if step < STEPS:
-                copy_step(step, step, *copy_args)
-                copy_scales(step, step, *scale_args)
+        for block in T.unroll(BLOCKS_IN_FLIGHT):
+            if block < BLOCKS:
+                copy_block(block, copy_args, scale_args)
             T.evaluate(T.ptx["cp.async.commit_group"]())
 
-        # Groups and the outlier block as loops of their own: no per-step branching between
-        # INT4 and INT8 work, so a group's steps are one straight run of code for nvcc.
+        # Groups and the outlier block as loops of their own, one barrier per group: a group's
+        # steps are one straight run of code, so nvcc can load the next step's fragments
+        # while the tensor cores work on this one.
         for group in T.serial(shape.groups):
-            for h in T.unroll(STEPS_PER_GROUP):
-                begin_step(group * STEPS_PER_GROUP + h, *step_args)
+            begin_block(group, copy_args, scale_args)
+            for h in T.unroll(SPB):
+                load_fragments((group * SPB + h) % S, *fragment_args)
                 int4_step(frag_a, frag_w, wide_a, wide_w, isum)
-            close_group(group * STEPS_PER_GROUP + STEPS_PER_GROUP - 1, True, *close_args)
-        for o in T.serial(OUTLIER_STEPS):
-            begin_step(NORMAL_STEPS + o, *step_args)
-            mma_all("m16n8k32", "int8", frag_a, frag_w, isum)
+            close_group(group * SPB + SPB - 1, True, *close_args)
+        for block in T.serial(shape.groups, BLOCKS):
+            begin_block(block, copy_args, scale_args)
+            for h in T.unroll(SPB):
+                load_fragments((block * SPB + h) % S, *fragment_args)
+                mma_all("m16n8k32", "int8", frag_a, frag_w, isum)
         if OUTLIER_STEPS > 0:
             close_group(STEPS - 1, OUTLIER_MAGIC, *close_args)
 

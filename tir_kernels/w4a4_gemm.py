@@ -8,8 +8,9 @@ Operands (the layouts of `atom_tvm.quantization.formats`, row-major, K split as
     residual float16 [M, N] (optional)  ->  y float16 [M, N]
 
 Numerics, in this exact order (the reference below is the definition; the ``cpu`` build matches it
-bit for bit, the CUDA builds within one float16 ulp because nvcc contracts ``acc + p * s`` into one
-FMA)::
+bit for bit; the CUDA builds match it with each ``acc + p * s`` rounded once, as the FMA nvcc
+contracts it into, i.e. `w4a4_gemm_reference(..., fused=True)` bit for bit, which is within one
+float16 ulp of the unfused order except where a sum cancels)::
 
     acc = 0.0f                                                     # float32
     for g in 0 .. (K-O)/G - 1:                                     # groups in order
@@ -32,7 +33,7 @@ Variants, chosen from the target by `w4a4_gemm`:
   memory as they are and are widened to INT8 in registers for ``mma.sync m16n8k32 s8``.
 * ``sm80_int4`` (sm_80/86/89): the same kernel with the native ``mma.sync m16n8k64 s4``.
 * ``gemv`` (`w4a4_gemv`, any CUDA arch, M <= 16): the same kernel on a 16-row tile with many
-  thin column tiles and a deep copy pipeline, so the weight bytes stream at memory speed.
+  thin column tiles and a deep copy pipeline, for decode, where the weight bytes are the cost.
 
 The CUDA kernels live in `tir_kernels.gemm_common`; this module holds the numerics, the CPU twin
 and the dispatch.
