@@ -16,9 +16,11 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from relax_models.llama import LlamaConfig, LlamaForCausalLM
+from tir_kernels.cpu_gemm import CPUGemm
 
 ParamSpec = tuple[str, tuple[int, ...], str]
 
@@ -68,6 +70,8 @@ def _pipeline(target: Target, metadata: dict) -> tvm.transform.Pass:
         relax.transform.FuseTransposeMatmul(),
         *backend.library_dispatch_passes(target),
         *backend.legalize_passes(target),
+        # llvm leaves the legalized GEMMs as naive single-threaded loops: schedule the NT matmuls.
+        *([dl.ApplyDefaultSchedule(CPUGemm())] if target.kind.name == "llvm" else []),
         *backend.dataflow_lower_passes(target),
         finalize[0],
         _attach_metadata(metadata),
