@@ -206,6 +206,17 @@ def quantize_weight(w: np.ndarray, cfg: QuantConfig, hessian: np.ndarray | None 
     return np.concatenate(parts, axis=1)
 
 
+def quantize_atom_layout(w: np.ndarray, cfg: QuantConfig, hessian: np.ndarray | None = None) -> formats.AtomWeight:
+    """Reordered weight ``w [N, K]`` in the kernels' packed layout (Atom configs: INT4 groups + INT8 outliers)."""
+    if not (cfg.w_bits == 4 and cfg.group_size and (cfg.n_outliers == 0 or cfg.outlier_bits == 8)):
+        raise UserError(f"{cfg.name}: the packed layout holds 4-bit weights in groups with INT8 outliers")
+    w = np.asarray(w, np.float32)
+    clip = _weight_clip(w, cfg)
+    if cfg.gptq:
+        return gptq(w, hessian, cfg.group_size, cfg.n_outliers, clip)
+    return formats.quantize_atom_weight(w, cfg.group_size, cfg.n_outliers, clip)
+
+
 # --- putting it together -----------------------------------------------------------------------------
 
 
@@ -231,7 +242,7 @@ def _use_kv_quant_attention(model, bits: int) -> None:
     model.set_attn_implementation(name)
 
 
-def _reordered_hessian(stats: CalibrationStats, plan: Plan | None, linear_name: str) -> np.ndarray:
+def reordered_hessian(stats: CalibrationStats, plan: Plan | None, linear_name: str) -> np.ndarray:
     """A Linear's input Hessian (collected on the original model) in its reordered channel order."""
     hessian = stats.hessian_for(linear_name)
     if plan is None:
@@ -264,7 +275,7 @@ def simulate(model, cfg: QuantConfig, stats: CalibrationStats | None = None, pro
     with torch.no_grad():
         for done, (name, linear) in enumerate(linears.items(), 1):
             if quantize_weights:
-                hessian = _reordered_hessian(stats, plan, name) if cfg.gptq else None
+                hessian = reordered_hessian(stats, plan, name) if cfg.gptq else None
                 w = quantize_weight(linear.weight.detach().cpu().numpy(), cfg, hessian)
                 linear.weight.copy_(torch.from_numpy(w))
             if cfg.a_bits != FLOAT_BITS:
