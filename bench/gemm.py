@@ -34,8 +34,9 @@ ROWS = (1, 16, 128, 512, 1024, 4096)
 G, O = 128, 128
 ARCHS = ("sm_90a",)
 ROTATE_BYTES = 256 << 20
-#: H200 HBM3e bandwidth on the data sheet, for the GEMV rows.
-HBM_GBPS = 4800
+#: Device-to-device copy bandwidth measured on the H200 (docs/bench/quantize_kernels.md): the
+#: yardstick for the decode rows, whose cost is streaming the weight bytes once.
+COPY_GBPS = 4238
 
 
 def main() -> None:
@@ -87,8 +88,9 @@ def measure(iters: int) -> dict:
                 row[f"{kind}_us"] = gpu_time(
                     torch, lambda i: func(*tvm_act[:4], *tvm_w[i % len(tvm_w)], tvm_y), iters)
             row["w4a4_us"] = min(row[f"{kind}_us"] for kind in kinds)
-            if M == 128:
-                row["checked"] = check(torch, funcs[(label, "gemm")], act, weights[0], N, K)
+            if M in (16, 128):
+                kind = "gemv" if M == 16 else "gemm"
+                row["checked"] = check(torch, funcs[(label, kind)], act, weights[0], N, K)
             x16 = torch.randn(M, K, device="cuda", dtype=torch.float16)
             row["fp16_us"] = gpu_time(torch, lambda i: torch.matmul(x16, fp16_w[i % len(fp16_w)].T), iters)
             x8 = torch.randint(-127, 128, (max(M, 32), K), device="cuda", dtype=torch.int8)
@@ -100,10 +102,11 @@ def measure(iters: int) -> dict:
             row["vs_fp16"] = row["fp16_us"] / row["w4a4_us"]
             row["vs_int8"] = row["int8_us"] / row["w4a4_us"]
             row["weight_gbps"] = w4a4_weight_bytes(N, K) / row["w4a4_us"] / 1e3
+            row["of_copy"] = row["weight_gbps"] / COPY_GBPS
             rows.append(row)
             print(f"{label:18s} M={M:5d} w4a4 {row['w4a4_us']:9.2f} us  fp16 {row['fp16_us']:9.2f} us"
                   f"  int8 {row['int8_us']:9.2f} us", flush=True)
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_gbps": HBM_GBPS,
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": COPY_GBPS,
             "G": G, "O": O, "rows": rows}
 
 
@@ -167,12 +170,12 @@ def check(torch, func, act, weight, N: int, K: int) -> bool:
 def print_table(result: dict) -> None:
     print(f"\n{result['device']}  (TOPS = 2MNK / time; W4A4 G={result['G']}, O={result['O']})")
     print(f"| shape | M | W4A4 us | fp16 us | int8 us | W4A4 TOPS | fp16 TFLOPS | int8 TOPS "
-          f"| vs fp16 | vs int8 | W4A4 weight GB/s |")
-    print("|" + "---|" * 11)
+          f"| vs fp16 | vs int8 | W4A4 weight GB/s | of copy BW |")
+    print("|" + "---|" * 12)
     for r in result["rows"]:
         print(f"| {r['shape']} | {r['M']} | {r['w4a4_us']:.1f} | {r['fp16_us']:.1f} | {r['int8_us']:.1f} "
               f"| {r['w4a4_tops']:.0f} | {r['fp16_tops']:.0f} | {r['int8_tops']:.0f} "
-              f"| {r['vs_fp16']:.2f}x | {r['vs_int8']:.2f}x | {r['weight_gbps']:.0f} |")
+              f"| {r['vs_fp16']:.2f}x | {r['vs_int8']:.2f}x | {r['weight_gbps']:.0f} | {r['of_copy']:.0%} |")
 
 
 def plot(result: dict, png: Path) -> None:

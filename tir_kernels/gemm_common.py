@@ -1,6 +1,7 @@
-"""The tiled tensor-core kernel behind the CUDA W4A4 variants (hand-written TVMScript).
+"""The tensor-core kernels behind the CUDA W4A4 variants (hand-written TVMScript).
 
-One skeleton, three configurations (`TILED` and `GEMV`)::
+The tiled kernel, in two configurations (`TILED`), and the decode kernel built from the same
+pieces with K split across warps (`w4a4_gemv_prim_func`, `GEMV`). The tiled kernel::
 
     grid (ceil(N / BN), ceil(M / BM)), one block of WM x WN warps, warp tile (BM/WM) x (BN/WN)
     K is walked in 32-byte steps (64 INT4 channels, or 32 INT8 outlier channels), G/64 steps
@@ -99,10 +100,6 @@ TILED = {
     "sm90_int8": TileConfig("sm90_int8", 128, 128, 2, 4, 4, widen=True),
     "sm80_int4": TileConfig("sm80_int4", 128, 128, 2, 4, 4, widen=False),
 }
-#: Decode: one 16-row tile, 32-column blocks (N/32 blocks fill the GPU), 4 warps of 16x8 and a
-#: 24-step copy pipeline (36 KiB in flight per block) to keep the weight stream busy.
-#: INT8 mma because m16n8k64 s4 is emulated on Hopper and the mma is not the bottleneck here.
-GEMV = TileConfig("gemv", 16, 32, 1, 4, 24, widen=True)
 
 
 def check_cuda_shape(shape: W4A4Shape) -> None:
@@ -129,6 +126,41 @@ def _swizzle(row, chunk):
     """Byte offset of 16-byte chunk ``chunk`` of tile row ``row`` (see the module docstring)."""
     linear = row * 2 + chunk
     return T.bitwise_xor(linear, T.bitwise_and(T.shift_right(linear, 3), 1)) * 16
+
+
+def _scale_index(int4, group, row, groups):
+    """Flat index of ``row``'s scale: in the fp16 s4 [rows, groups] for INT4 group ``group``
+    (``int4`` true), else in the outlier scales s8 [rows, 1]."""
+    return T.Select(int4, row * groups + group, row)
+
+
+@T.macro
+def _copy_scale_word(dst, s4, s8, int4, group, row, groups):
+    """cp.async the 4 bytes at the even index at or below the scale `_scale_index` names
+    (cp.async moves 4 bytes at least; the word's other half is a neighbour, dropped when read)."""
+    even = _scale_index(int4, group, row, groups) // 2 * 2
+    if int4:
+        T.evaluate(T.ptx["cp.async.ca.shared.global"](dst, s4.ptr_to([even // groups, even % groups]), 4))
+    else:
+        T.evaluate(T.ptx["cp.async.ca.shared.global"](dst, s8.ptr_to([even, 0]), 4))
+
+
+def _staged_scale(word, index):
+    """float32 of the fp16 scale with flat index ``index`` in its staged aligned word."""
+    shift = T.Cast("uint32", index % 2 * 16)
+    bits = T.Cast("uint16", T.bitwise_and(T.shift_right(word, shift), T.uint32(0xFFFF)))
+    return T.Cast("float32", T.reinterpret("float16", bits))
+
+
+def _ldmatrix(frag, index, count, tile, offset):
+    """ldmatrix.x``count`` of the 16-byte rows the lanes address at ``offset`` into ``frag[index:]``."""
+    return T.ptx_legacy.ldmatrix(False, count, ".b16", frag.data, index, tile.data, offset, dtype="uint8")
+
+
+def _mma(shape_name, dtype, a, a_index, b, b_index, c, c_index):
+    """One mma.sync ``shape_name`` row.col of ``dtype`` operands into int32 ``c[c_index:]``."""
+    return T.ptx_legacy.mma(shape_name, "row", "col", dtype, dtype, "int32", a.data, a_index, b.data, b_index,
+                            c.data, c_index, False, dtype="int32")
 
 
 def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tvm.tirx.PrimFunc:
@@ -189,16 +221,11 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
 
     def scale_index(step, row):
         """Flat index of `step`'s scale of `row` in the fp16 s4 [rows, groups] or s8 [rows, 1]."""
-        return T.Select(step < NORMAL_STEPS, row * GROUPS + step // STEPS_PER_GROUP, row)
+        return _scale_index(step < NORMAL_STEPS, step // STEPS_PER_GROUP, row, GROUPS)
 
     @T.macro
     def copy_scale_word(dst, s4, s8, row, step):
-        """cp.async the 4 bytes at the even index at or below `row`'s scale for `step`."""
-        even = scale_index(step, row) // 2 * 2
-        if step < NORMAL_STEPS:
-            T.evaluate(T.ptx["cp.async.ca.shared.global"](dst, s4.ptr_to([even // GROUPS, even % GROUPS]), 4))
-        else:
-            T.evaluate(T.ptx["cp.async.ca.shared.global"](dst, s8.ptr_to([even, 0]), 4))
+        _copy_scale_word(dst, s4, s8, step < NORMAL_STEPS, step // STEPS_PER_GROUP, row, GROUPS)
 
     @T.macro
     def copy_scales(step, slot, tx, m0, n0, M, AS4, AS8, WS4, WS8, scale_words):
@@ -221,25 +248,20 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
         for mi in T.unroll(MI):
             row = warp_m + mi * 16 + lane % 16
             src = slot * BM * STEP_BYTES + _swizzle(row, lane // 16)
-            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", frag_a.data, mi * 4,
-                                             tile_a.data, src, dtype="uint8"))
+            T.evaluate(_ldmatrix(frag_a, mi * 4, 4, tile_a, src))
         for p in T.unroll(NI // 2):
             row = warp_n + (2 * p + lane // 16) * 8 + lane % 8
             src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
-            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", frag_w.data, p * 4,
-                                             tile_w.data, src, dtype="uint8"))
+            T.evaluate(_ldmatrix(frag_w, p * 4, 4, tile_w, src))
         if NI % 2 == 1:
             row = warp_n + (NI - 1) * 8 + lane % 8
             src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
-            T.evaluate(T.ptx_legacy.ldmatrix(False, 2, ".b16", frag_w.data, (NI - 1) * 2,
-                                             tile_w.data, src, dtype="uint8"))
+            T.evaluate(_ldmatrix(frag_w, (NI - 1) * 2, 2, tile_w, src))
 
     @T.macro
     def mma_all(shape_name, dtype, a, b, isum):
         for mi, ni in T.grid(MI, NI):
-            T.evaluate(T.ptx_legacy.mma(shape_name, "row", "col", dtype, dtype, "int32",
-                                        a.data, mi * 4, b.data, ni * 2,
-                                        isum.data, (mi * NI + ni) * 4, False, dtype="int32"))
+            T.evaluate(_mma(shape_name, dtype, a, mi * 4, b, ni * 2, isum, (mi * NI + ni) * 4))
 
     @T.macro
     def int4_step(frag_a, frag_w, wide_a, wide_w, isum):
@@ -259,9 +281,7 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
 
     def staged_scale(word, step, row):
         """float32 of the fp16 scale of `row` in its staged aligned word (low half = even index)."""
-        shift = T.Cast("uint32", scale_index(step, row) % 2 * 16)
-        bits = T.Cast("uint16", T.bitwise_and(T.shift_right(word, shift), T.uint32(0xFFFF)))
-        return T.Cast("float32", T.reinterpret("float16", bits))
+        return _staged_scale(word, scale_index(step, row))
 
     @T.macro
     def close_group(step, exact_as_magic, lane, m0, n0, warp_m, warp_n, scale_words, row_scale,
@@ -395,9 +415,247 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
     return w4a4_gemm_cuda.with_attr("global_symbol", kernel_name(cfg, False))
 
 
-def kernel_name(cfg: TileConfig, residual: bool) -> str:
+def kernel_name(cfg, residual: bool) -> str:
     """``w4a4_<config>[_residual]``: the PrimFunc's global symbol (and its CUDA kernel's prefix)."""
     return f"w4a4_{cfg.name}" + ("_residual" if residual else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: the K-split GEMV
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """The decode kernel: ``block_n`` columns per block, K split over ``k_warps`` warps that each
+    keep a ``stages``-deep copy ring of their own (see `w4a4_gemv_prim_func`)."""
+
+    name: str
+    block_n: int
+    k_warps: int
+    stages: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.k_warps
+
+
+#: 16 columns (N/16 blocks: 256-688 on the benchmark shapes, several per SM), 4 warps with 4
+#: stages of one piece each: 43 KiB of shared memory at G = 128, under the 48 KiB static limit.
+GEMV = GemvConfig("gemv", 16, 4, 4)
+
+
+def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV) -> tvm.tirx.PrimFunc:
+    """The W4A4 GEMM for a 16-row tile (decode), with K split across the warps of a block.
+
+    The tiled kernel walks K once per block, one barrier per group, and at M <= 16 a block has
+    too little work between barriers to keep HBM busy. Here K is cut into *pieces* of one group's
+    bytes (G/2 per row: an INT4 group, or G/2 INT8 outlier channels, O being a multiple of G/2)
+    and warp w of a block takes pieces w, w + k_warps, ... of the block's 16 rows x block_n
+    columns, each through its own cp.async ring (wait + __syncwarp, no block barrier), ldmatrix
+    and mma.sync s8 as in the tiled kernel. A piece's integer sums are exact whoever computes
+    them, so the float order survives the split: after each round of k_warps pieces, the warps
+    put their int32 sums and float scales in a double-buffered shared array, one block barrier,
+    and every thread advances the float chain of its own output elements over that round's
+    pieces in piece order: ``acc += f32(isum) * (s_a * s_w)`` per INT4 group (FMA-contracted as
+    in the tiled kernel, so the fused reference holds bit for bit), the outlier pieces' sums
+    added as integers and closed once at the end. The double buffer makes one barrier per round
+    enough: a buffer is rewritten two rounds later, after every thread has passed the barrier
+    that follows its last read.
+    """
+    check_cuda_shape(shape)
+    N, O, G = shape.N, shape.O, shape.G
+    BN, KW, S, THREADS = cfg.block_n, cfg.k_warps, cfg.stages, cfg.threads
+    NI = BN // 8
+    if BN % 16 or 64 % BN or (16 * BN) % THREADS:
+        raise ValueError(f"gemv block_n {BN} must be 16, 32 or 64 and fit {THREADS} threads")
+    ROWS = 16 + BN  # rows of a staged piece: the 16 A rows, then the block's BN W rows
+    PIECE = G // 2  # bytes per row of one piece
+    PIECE_STEPS = PIECE // STEP_BYTES
+    GROUPS = shape.groups
+    GROUPS_DIV = max(GROUPS, 1)  # a divisor only; K == O has no INT4 groups
+    PIECES = GROUPS + O // PIECE
+    ROUNDS = -(-PIECES // KW)
+    CHUNKS = ROWS * PIECE // 16
+    CHUNK_ROUNDS = -(-CHUNKS // 32)
+    SCALE_ROUNDS = -(-ROWS // 32)
+    STAGE = PIECE_STEPS * ROWS * STEP_BYTES
+    ELEMS = 16 * BN // THREADS
+    INT4_SCALE = 1.0 / WIDEN_FACTOR
+
+    @T.macro
+    def copy_chunk(dst, q4, q8, row, piece, byte):
+        """cp.async 16 bytes at `byte` of `row`'s bytes of `piece`."""
+        if piece < GROUPS:
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, q4.ptr_to([row, piece * PIECE + byte]), 16))
+        else:
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, q8.ptr_to([row, (piece - GROUPS) * PIECE + byte]), 16))
+
+    @T.macro
+    def copy_piece(piece, slot, warp, lane, m0, n0, M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, tile, words):
+        """One warp's copies of `piece` into its ring slot `slot`: bytes (32-byte steps, each a
+        swizzled tile as in the tiled kernel) and the aligned word of each row's scale. A rows
+        past M are not copied; they only reach outputs that are never stored."""
+        base = (warp * S + slot) * STAGE
+        for r in T.unroll(CHUNK_ROUNDS):
+            c = lane + r * 32
+            if c < CHUNKS:
+                row = c // (PIECE // 16)
+                byte = c % (PIECE // 16) * 16
+                dst = tile.ptr_to([base + byte // STEP_BYTES * ROWS * STEP_BYTES
+                                   + _swizzle(row, byte % STEP_BYTES // 16)])
+                if row < 16:
+                    if m0 + row < M:
+                        copy_chunk(dst, A4, A8, m0 + row, piece, byte)
+                else:
+                    copy_chunk(dst, W4, W8, n0 + row - 16, piece, byte)
+        for r in T.unroll(SCALE_ROUNDS):
+            i = lane + r * 32
+            dst = words.ptr_to([(warp * S + slot) * ROWS + i])
+            if i < 16:
+                if m0 + i < M:
+                    _copy_scale_word(dst, AS4, AS8, piece < GROUPS, piece, m0 + i, GROUPS_DIV)
+            elif i < ROWS:
+                _copy_scale_word(dst, WS4, WS8, piece < GROUPS, piece, n0 + i - 16, GROUPS_DIV)
+
+    @T.macro
+    def piece_sums(piece, slot, warp, lane, tile, frag_a, frag_w, wide_a, wide_w, isum):
+        """The 16 x BN int32 sums of `piece` (INT4 widened to s8, as in the tiled kernel)."""
+        for i in T.unroll(NI * 4):
+            isum[i] = 0
+        for st in T.unroll(PIECE_STEPS):
+            base = ((warp * S + slot) * PIECE_STEPS + st) * ROWS * STEP_BYTES
+            T.evaluate(_ldmatrix(frag_a, 0, 4, tile, base + _swizzle(lane % 16, lane // 16)))
+            for p in T.unroll(NI // 2):
+                row = 16 + (2 * p + lane // 16) * 8 + lane % 8
+                T.evaluate(_ldmatrix(frag_w, p * 4, 4, tile, base + _swizzle(row, lane // 8 % 2)))
+            if piece < GROUPS:
+                for h in T.unroll(2):
+                    for e in T.unroll(2):
+                        wide_a[e] = _lo_nibbles(frag_a[2 * h + e])
+                        wide_a[2 + e] = _hi_nibbles(frag_a[2 * h + e])
+                    for ni in T.unroll(NI):
+                        wide_w[ni * 2] = _lo_nibbles(frag_w[ni * 2 + h])
+                        wide_w[ni * 2 + 1] = _hi_nibbles(frag_w[ni * 2 + h])
+                    for ni in T.unroll(NI):
+                        T.evaluate(_mma("m16n8k32", "int8", wide_a, 0, wide_w, ni * 2, isum, ni * 4))
+            else:
+                for ni in T.unroll(NI):
+                    T.evaluate(_mma("m16n8k32", "int8", frag_a, 0, frag_w, ni * 2, isum, ni * 4))
+
+    @T.macro
+    def publish(piece, slot, buf, warp, lane, m0, n0, words, isum, sums, scales):
+        """This warp's sums and float scales of `piece` into round buffer `buf`."""
+        for ni, e in T.grid(NI, 4):
+            row = lane // 4 + e // 2 * 8
+            col = ni * 8 + lane % 4 * 2 + e % 2
+            sums[((buf * KW + warp) * 16 + row) * BN + col] = isum[ni * 4 + e]
+        for r in T.unroll(SCALE_ROUNDS):
+            i = lane + r * 32
+            word = words[(warp * S + slot) * ROWS + i]
+            if i < 16:
+                value = _staged_scale(word, _scale_index(piece < GROUPS, piece, m0 + i, GROUPS_DIV))
+                # The widened INT4 sums are 256 times too large (module docstring).
+                scales[(buf * KW + warp) * ROWS + i] = T.Select(piece < GROUPS, value * T.float32(INT4_SCALE), value)
+            elif i < ROWS:
+                index = _scale_index(piece < GROUPS, piece, n0 + i - 16, GROUPS_DIV)
+                scales[(buf * KW + warp) * ROWS + i] = _staged_scale(word, index)
+
+    @T.macro
+    def body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
+        M = T.int32()
+        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
+        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
+        Y = T.match_buffer(y, (M, N), "float16")
+        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+
+        bx = T.launch_thread("blockIdx.x", N // BN)
+        by = T.launch_thread("blockIdx.y", T.ceildiv(M, 16))
+        tx = T.launch_thread("threadIdx.x", THREADS)
+        tile = T.alloc_buffer((KW * S * STAGE,), "uint8", scope="shared")
+        words = T.alloc_buffer((KW * S * ROWS,), "uint32", scope="shared")
+        sums = T.alloc_buffer((2 * KW * 16 * BN,), "int32", scope="shared")
+        scales = T.alloc_buffer((2 * KW * ROWS,), "float32", scope="shared")
+        frag_a = T.alloc_buffer((4,), "uint32", scope="local")
+        frag_w = T.alloc_buffer((NI * 2,), "uint32", scope="local")
+        wide_a = T.alloc_buffer((4,), "uint32", scope="local")
+        wide_w = T.alloc_buffer((NI * 2,), "uint32", scope="local")
+        isum = T.alloc_buffer((NI * 4,), "int32", scope="local")
+        acc = T.alloc_buffer((ELEMS,), "float32", scope="local")
+        osum = T.alloc_buffer((ELEMS,), "int32", scope="local")
+        oscale = T.alloc_buffer((ELEMS,), "float32", scope="local")
+
+        m0 = by * 16
+        n0 = bx * BN
+        warp = tx // 32
+        lane = tx % 32
+        operands = (m0, n0, M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, tile, words)
+
+        for j in T.unroll(ELEMS):
+            acc[j] = T.float32(0)
+            osum[j] = 0
+            oscale[j] = T.float32(0)
+        for r in T.unroll(S - 1):
+            if r * KW + warp < PIECES:
+                copy_piece(r * KW + warp, r, warp, lane, *operands)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+
+        for r in T.serial(ROUNDS):
+            piece = r * KW + warp
+            T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
+            T.evaluate(T.call_extern("void", "__syncwarp"))
+            if piece < PIECES:
+                piece_sums(piece, r % S, warp, lane, tile, frag_a, frag_w, wide_a, wide_w, isum)
+                publish(piece, r % S, r % 2, warp, lane, m0, n0, words, isum, sums, scales)
+            # Refill the slot of the round before (free since the __syncwarp) after this round's
+            # reads, so that TVM's shared-memory sync pass sees the barrier below between the
+            # copies and their next reader and adds no barrier of its own.
+            if (r + S - 1) * KW + warp < PIECES:
+                copy_piece((r + S - 1) * KW + warp, (r + S - 1) % S, warp, lane, *operands)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+            T.tvm_storage_sync("shared")
+            # The float chain, in piece order, of this thread's output elements.
+            for j in T.unroll(ELEMS):
+                row = (tx + j * THREADS) // BN
+                col = (tx + j * THREADS) % BN
+                for q in T.unroll(KW):
+                    if r * KW + q < PIECES:
+                        base = (r % 2 * KW + q)
+                        x = sums[(base * 16 + row) * BN + col]
+                        s = scales[base * ROWS + row] * scales[base * ROWS + 16 + col]
+                        if r * KW + q < GROUPS:
+                            acc[j] = acc[j] + T.Cast("float32", x) * s
+                        else:
+                            osum[j] = osum[j] + x
+                            oscale[j] = s
+
+        for j in T.unroll(ELEMS):
+            row = (tx + j * THREADS) // BN
+            col = (tx + j * THREADS) % BN
+            if O > 0:
+                acc[j] = acc[j] + T.Cast("float32", osum[j]) * oscale[j]
+            if m0 + row < M:
+                if residual:
+                    Y[m0 + row, n0 + col] = T.Cast("float16", acc[j] + T.Cast("float32", R[m0 + row, n0 + col]))
+                else:
+                    Y[m0 + row, n0 + col] = T.Cast("float16", acc[j])
+
+    if residual:
+
+        @T.prim_func
+        def w4a4_gemv_cuda_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+                                    w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
+                                    res: T.handle, y: T.handle):
+            body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
+
+        return w4a4_gemv_cuda_residual.with_attr("global_symbol", kernel_name(cfg, True))
+
+    @T.prim_func
+    def w4a4_gemv_cuda(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+                       w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
+        body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
+
+    return w4a4_gemv_cuda.with_attr("global_symbol", kernel_name(cfg, False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +675,7 @@ class KernelSpec:
     O: int
     residual: bool
 
-    def config(self) -> TileConfig:
+    def config(self) -> "TileConfig | GemvConfig":
         from deploy.targets import make_target
         from tir_kernels.w4a4_gemm import variant_for
 

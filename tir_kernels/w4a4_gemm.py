@@ -32,8 +32,9 @@ Variants, chosen from the target by `w4a4_gemm`:
 * ``sm90_int8`` (sm_90/sm_90a): Hopper has no INT4 tensor cores; the packed bytes travel to shared
   memory as they are and are widened to INT8 in registers for ``mma.sync m16n8k32 s8``.
 * ``sm80_int4`` (sm_80/86/89): the same kernel with the native ``mma.sync m16n8k64 s4``.
-* ``gemv`` (`w4a4_gemv`, any CUDA arch, M <= 16): the same kernel on a 16-row tile with many
-  thin column tiles and a deep copy pipeline, for decode, where the weight bytes are the cost.
+* ``gemv`` (`w4a4_gemv`, any CUDA arch, M <= 16): the same pieces on a 16-row tile with K split
+  across the warps of a block, for decode, where the weight bytes are the cost; the integer
+  group sums are combined in group order, so it is bit-exact to the same fused reference.
 
 The CUDA kernels live in `tir_kernels.gemm_common`; this module holds the numerics, the CPU twin
 and the dispatch.
@@ -221,7 +222,7 @@ def w4a4_gemv(
         return w4a4_gemm(target, N, K, G, O, residual)
     from tir_kernels import gemm_common
 
-    return gemm_common.w4a4_cuda_prim_func(shape, residual, gemm_common.GEMV)
+    return gemm_common.w4a4_gemv_prim_func(shape, residual)
 
 
 # ---------------------------------------------------------------------------------------------
