@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from atom_tvm.errors import UserError
+from atom_tvm.errors import UserError, run_command
 from atom_tvm.staging import atomic_output
 
 WIKIPEDIA = "wikipedia"
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", choices=[WIKIPEDIA], help="corpus to export")
     parser.add_argument("-o", "--output", type=Path, required=True, help="directory for wiki.{train,test}.txt")
     args = parser.parse_args(argv)
-    try:
+
+    def export():
         if args.output.exists() and not args.output.is_dir():
             raise UserError(f"{args.output}: exists and is not a directory; choose another -o")
         texts = {split: load_text(args.source, split) for split in SPLITS}
@@ -304,11 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             with atomic_output(args.output / f"wiki.{split}.txt") as tmp:
                 tmp.write_text(text, encoding="utf-8")
             print(f"{args.output / f'wiki.{split}.txt'}: {len(text.split()):,} words")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
+    return run_command(export)
 
 if __name__ == "__main__":
     sys.exit(main())

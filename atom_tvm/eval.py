@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from atom_tvm.datasets import WIKIPEDIA, calibration_source, encode, load_text, token_windows
-from atom_tvm.errors import UserError
+from atom_tvm.errors import UserError, run_command
 from atom_tvm.package import CHAT_CONFIG, read_chat_config, write_json_atomic
 from atom_tvm.quantization.calibrate import ProgressLine
 
@@ -188,19 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run():
         if args.max_windows is not None and args.max_windows < 1:
             raise UserError(f"--max-windows {args.max_windows}: needs at least 1")
         report = run_ppl(args)
         if args.json:
             write_json_atomic(args.json, report)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"ppl {report['ppl']:.4f} ({report['quantization']}, {report['windows']} windows x {args.window} "
-          f"tokens of {args.text})")
-    return 0
+        print(f"ppl {report['ppl']:.4f} ({report['quantization']}, {report['windows']} windows x {args.window} "
+              f"tokens of {args.text})")
 
+    return run_command(run)
 
 if __name__ == "__main__":
     sys.exit(main())

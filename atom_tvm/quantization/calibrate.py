@@ -28,7 +28,7 @@ from typing import TextIO
 import numpy as np
 
 from atom_tvm.datasets import WIKIPEDIA, atomic_output, encode, load_text, token_windows
-from atom_tvm.errors import UserError
+from atom_tvm.errors import UserError, run_command
 
 DEFAULT_WINDOWS = 128
 DEFAULT_WINDOW_LENGTH = 2048
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("-o", "--output", required=True, type=Path, help="statistics file (.npz) to write")
     args = p.parse_args(argv)
-    try:
+
+    def run():
         if args.output.is_dir():
             raise UserError(f"{args.output}: is a directory; pass a file name such as stats.npz")
         if args.output.suffix != ".npz":
@@ -252,13 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         stats = calibrate(args.model, args.text, args.split, args.windows, args.window_length,
                           args.hessian, args.device, args.seed)
         stats.save(args.output)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.output}: {len(stats.sumsq)} sites over {stats.n_tokens:,} tokens"
-          f"{' with Hessians' if stats.hessian else ''}")
-    return 0
+        print(f"{args.output}: {len(stats.sumsq)} sites over {stats.n_tokens:,} tokens"
+              f"{' with Hessians' if stats.hessian else ''}")
 
+    return run_command(run)
 
 if __name__ == "__main__":
     sys.exit(main())
