@@ -1,0 +1,180 @@
+"""Quantized paged KV cache kernels (CPU builds) against the float64 "append then attend" reference.
+
+Every case appends a prefix, then the new tokens, into shuffled (non-contiguous) pages whose
+unused slots hold garbage, and checks:
+* the rotated q bit for bit against TVM's own Llama RoPE kernel (`llama_rope_with_position_map`,
+  built for the same CPU), and the page contents bit for bit against `write_pages_ref`
+  (formats.quantize_kv_asym) of that kernel's float16 rotated K and of V. `rope_ref` (correctly
+  rounded float32 RoPE) is checked against TVM's kernel within one float16 ulp: libm's sin, cos
+  and pow are not correctly rounded, so a few values in a million differ in the last bit;
+* the attention output against `attention_ref` (float64 on the same dequantized K/V) within
+  ``ulp16(ref) + 2**-14 * max|V|``: one float16 ulp of the reference covers the output's own
+  rounding (half an ulp) with room for the float32 accumulation error, which the absolute term
+  bounds where the output is near 0 and its ulp tiny (float32 sums over up to 4000 tokens of
+  |v| <= max|V| err by well under 1e-4 relative to max|V|).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tvm
+
+from atom_tvm.errors import UserError
+from tir_kernels import kv_attention as kva
+from tir_kernels.quantize import build
+
+P = kva.PAGE_SIZE
+THETA = 10000.0
+HEADS = [(9, 3, 64), (32, 8, 128), (32, 32, 128)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tvm_rope(hq: int, hkv: int, dim: int):
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    func = llama_rope_with_position_map(THETA, 1.0, dim, hq, hkv, "float16", {})
+    run = tvm.compile(func, tvm.target.Target({"kind": "llvm"}))[func.attrs["global_symbol"]]
+
+    def rope(qkv, positions):
+        dev = tvm.cpu()
+        outs = [tvm.runtime.tensor(np.zeros((len(qkv), h, dim), np.float16), dev) for h in (hq, hkv, hkv)]
+        run(tvm.runtime.tensor(qkv, dev), tvm.runtime.tensor(positions, dev), *outs, 1)
+        return [o.numpy() for o in outs]
+
+    return rope
+
+
+def _assert_rope_close(x, positions, want):
+    """rope_ref(x) within one float16 ulp of ``want`` plus a float32 slack: where cos x + sin rot
+    cancels, a last-bit difference of libm's cos/sin is large relative to the result."""
+    got = kva.rope_ref(x, positions, THETA).astype(np.float64)
+    x = x.astype(np.float64)
+    half = x.shape[-1] // 2
+    terms = np.abs(x) + np.abs(np.concatenate([x[..., half:], x[..., :half]], axis=-1))
+    ulp = np.maximum(np.spacing(np.abs(got)), np.spacing(np.abs(want))).astype(np.float64)
+    err = np.abs(got - want) / (ulp + 2.0**-20 * terms)
+    assert err.max() <= 1, f"rope_ref differs from TVM's RoPE by {err.max()} of the tolerance"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kind: str, kv_bits: int, hq: int, hkv: int, dim: int):
+    extra = (THETA,) if kind == "append" else ()
+    func = getattr(kva, kind)(kv_bits, hq, hkv, dim, *extra)
+    return build(func, "cpu")[func.attrs["global_symbol"]]
+
+
+def _page_table(rng, lengths):
+    """Shuffled pages for sequences of the given final lengths, plus a few never used."""
+    counts = [-(-n // P) for n in lengths]
+    num_pages = sum(counts) + 3
+    indices = rng.permutation(num_pages)[: sum(counts)].astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    last = np.array([n - (c - 1) * P for n, c in zip(lengths, counts)], np.int32)
+    return num_pages, indptr, indices, last
+
+
+def _tokens(indptr, indices, start, stop):
+    """positions and slots of tokens start[b] .. stop[b]-1 of every sequence, batch order."""
+    pos, slots = [], []
+    for b in range(len(start)):
+        p = np.arange(start[b], stop[b])
+        pos.append(p)
+        slots.append(indices[indptr[b] + p // P] * P + p % P)
+    return np.concatenate(pos).astype(np.int32), np.concatenate(slots).astype(np.int32)
+
+
+def _garbage_pages(rng, num_pages, hkv, dim, kv_bits):
+    pages = []
+    for shape, dtype in kva.page_shapes(num_pages, hkv, dim, kv_bits):
+        if dtype == "uint8":
+            pages.append(rng.integers(0, 256, shape, dtype=np.uint8))
+        else:
+            pages.append(rng.uniform(-1000, 1000, shape).astype(np.float16))
+    return tuple(pages)
+
+
+def _run(kv_bits, heads, prefix, new, seed, decode=False):
+    hq, hkv, dim = heads
+    rng = np.random.default_rng(seed)
+    lengths = [a + b for a, b in zip(prefix, new)]
+    num_pages, indptr, indices, last = _page_table(rng, lengths)
+    ref_pages = _garbage_pages(rng, num_pages, hkv, dim, kv_bits)
+    dev = tvm.cpu()
+    pages = [tvm.runtime.tensor(p, dev) for p in ref_pages]
+    append = _kernel("append", kv_bits, hq, hkv, dim)
+    q_rot = None
+    written = []
+    for start, stop in ((np.zeros_like(prefix), prefix), (prefix, lengths)):
+        pos, slots = _tokens(indptr, indices, start, stop)
+        if not len(pos):
+            continue
+        written.append(slots)
+        # K and V spread over a few orders of magnitude across tokens, as real activations.
+        qkv = (rng.standard_normal((len(pos), hq + 2 * hkv, dim))
+               * rng.uniform(0.1, 4, (len(pos), 1, 1))).astype(np.float16)
+        q_tvm, k_tvm, v = _tvm_rope(hq, hkv, dim)(qkv, pos)
+        _assert_rope_close(qkv[:, :hq], pos, q_tvm)
+        _assert_rope_close(qkv[:, hq:hq + hkv], pos, k_tvm)
+        ref_pages = kva.write_pages_ref(ref_pages, slots, k_tvm, v, kv_bits)
+        q_rot = tvm.runtime.tensor(np.zeros((len(pos), hq, dim), np.float16), dev)
+        append(*[tvm.runtime.tensor(a, dev) for a in (qkv, pos, slots)], q_rot, *pages)
+        np.testing.assert_array_equal(q_rot.numpy().view(np.uint16), q_tvm.view(np.uint16))
+        for got, want in zip(pages, ref_pages):
+            np.testing.assert_array_equal(got.numpy().view(np.uint8), want.view(np.uint8))
+
+    q = q_rot.numpy()
+    qo_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    ref = kva.attention_ref(q, qo_indptr, ref_pages, indptr, indices, last, kv_bits)
+    table = [tvm.runtime.tensor(a, dev) for a in (indptr, indices, last)]
+    out = tvm.runtime.tensor(np.zeros_like(q), dev)
+    if decode:
+        _kernel("decode", kv_bits, hq, hkv, dim)(q_rot, *pages, *table, out)
+    else:
+        _kernel("prefill", kv_bits, hq, hkv, dim)(
+            q_rot, tvm.runtime.tensor(qo_indptr, dev), *pages, *table, out)
+    got = out.numpy().astype(np.float64)
+    slots = np.concatenate(written)
+    v_max = np.abs(kva.dequantize_pages_ref(ref_pages, kv_bits)[slots // P, 1, :, slots % P]).max()
+    tol = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64) + 2.0**-14 * v_max
+    err = np.abs(got - ref)
+    assert np.isfinite(got).all()
+    assert (err <= tol).all(), f"max error {err.max():.3g}, worst error/tolerance {(err / tol).max():.3g}"
+
+
+@pytest.mark.parametrize("kv_bits", kva.KV_BITS)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv_d{h[2]}")
+def test_decode(kv_bits, heads):
+    lengths = [1, P - 1, P, P + 1, 2 * P, 2 * P + 1, 300, 1000]
+    if heads == HEADS[0]:
+        lengths.append(4000)
+    prefix = np.array(lengths) - 1
+    _run(kv_bits, heads, prefix, np.ones_like(prefix), seed=kv_bits * 7 + heads[0], decode=True)
+
+
+@pytest.mark.parametrize("kv_bits", kva.KV_BITS)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv_d{h[2]}")
+def test_prefill(kv_bits, heads):
+    # (cached prefix, new tokens): fresh prompts ending before, on and after a page boundary,
+    # continuations starting mid-page and on a boundary, a sequence with no new token, and a
+    # long cached prefix with a chunk of new tokens.
+    cases = [(0, 1), (0, P - 1), (0, P), (0, P + 1), (P - 1, 1), (P, P), (17, 40), (20, 0),
+             (5, 120), (700, 33)]
+    if heads == HEADS[0]:
+        cases.append((3990, 10))
+    prefix, new = (np.array(c) for c in zip(*cases))
+    _run(kv_bits, heads, prefix, new, seed=kv_bits * 11 + heads[0])
+
+
+def test_page_shapes():
+    assert kva.page_shapes(10, 8, 128, 4) == [((10, 2, 8, P, 64), "uint8"), ((10, 2, 8, P, 2), "float16")]
+    assert kva.page_shapes(10, 8, 128, 8) == [((10, 2, 8, P, 128), "uint8"), ((10, 2, 8, P, 2), "float16")]
+    assert kva.page_shapes(10, 8, 64, 16) == [((10, 2, 8, P, 64), "float16")]
+
+
+@pytest.mark.parametrize("args", [(3, 32, 8, 128), (4, 32, 8, 96), (4, 30, 8, 128)])
+def test_rejects_unsupported(args):
+    with pytest.raises(UserError):
+        kva.decode(*args)

@@ -1,0 +1,578 @@
+"""Quantized paged KV cache: page layout, append (RoPE + quantize) and attention over the pages.
+
+One kernel family in three kernels, each generated for ``kv_bits`` 4, 8 or 16 from one code path:
+
+* `append` - RoPE on q and k of the fused qkv projection output, then K (rotated) and V quantized
+  per token per head into their page slots; returns the rotated q for the attention kernels.
+* `decode` - one query token per sequence attending to all of its pages (split-K over the pages).
+* `prefill` - a ragged batch of new query tokens attending causally to their sequences' pages
+  (the new tokens are appended first, so the pages hold the prefix and the new tokens alike).
+
+Page layout (THE layout; one set of buffers per layer)
+------------------------------------------------------
+A page holds ``P`` consecutive tokens (`PAGE_SIZE` = 16 by default) of one sequence for every
+KV head. Axis 1 selects K (0) or V (1).
+
+=========  ===============  ======================================  ===========================
+kv_bits    buffer           shape / dtype                           contents
+=========  ===============  ======================================  ===========================
+4, 8       kv_codes         uint8 [pages, 2, H_kv, P, D*bits/8]     codes of `formats`' KV
+                                                                    format; 4 bits: two per
+                                                                    byte, low nibble = even d
+4, 8       kv_scale_zero    float16 [pages, 2, H_kv, P, 2]          (scale, zero) of that row
+16         kv_data          float16 [pages, 2, H_kv, P, D]          the values themselves
+=========  ===============  ======================================  ===========================
+
+Each (token, head) row of K or V is quantized on its own, exactly as
+`atom_tvm.quantization.formats.quantize_kv_asym` does (asymmetric, ``x ~ q * scale + zero``).
+A sequence's pages are listed CSR-style: ``page_indptr int32 [B+1]``, ``page_indices int32
+[page_indptr[B]]`` (any order, any pages), ``last_page_len int32 [B]`` (1..P tokens used in its
+last page); its length is ``(pages - 1) * P + last_page_len`` and token ``j`` lives in page
+``page_indices[page_indptr[b] + j // P]`` at offset ``j % P``. `append` addresses a token by its
+slot ``page * P + offset``.
+
+Numerics (what the ``*_ref`` functions compute)
+-----------------------------------------------
+* RoPE is TVM's Llama RoPE (``llama_rope_with_position_map``, rotate-half, default scaling)
+  operation by operation in float32: ``freq = float32(pos) / pow(float32(theta),
+  float32((2 d) % D) / float32(D))``, ``y = cos(freq) * x[d] + sin(freq) * rot[d]`` with
+  ``rot[d] = -x[d + D/2]`` for ``d < D/2`` and ``x[d - D/2]`` above, rounded to float16. So the
+  rotated q, and the K an FP16 cache holds, are the numbers TVM's own KV cache produces.
+* K and V are quantized from those float16 values (K after its float16 rounding): the FP16
+  mode then holds exactly what TIRPagedKVCache holds, and the INT4/INT8 modes quantize the
+  same numbers. Codes, scales and zeros are bit-identical to `formats.quantize_kv_asym`
+  (min/max, the float16 roundings and the float32 reciprocal are all exact IEEE operations;
+  ``rint`` is the 1.5 * 2**23 addition, see `_code`). The references call formats' functions.
+* Attention dequantizes ``float32(q) * float32(scale) + float32(zero)`` on the fly and keeps
+  everything in float32: scores ``(q . k) * (1 / sqrt(D))``, softmax in the online form (per
+  page: the page's max, then ``m' = max(m, page max)``, ``l' = l e^(m - m') + sum e^(s - m')``,
+  ``acc' = acc e^(m - m') + sum e^(s - m') v``), output ``acc / l`` rounded to float16. The
+  reference is float64 on the same dequantized values, so kernel and reference differ by the
+  final float16 rounding plus float32 accumulation error (a few 1e-7 relative).
+* GQA: query head ``h`` reads KV head ``h // (H_q / H_kv)``; each task dequantizes a page of
+  its KV head once and scores it for all the query heads of the group.
+
+Variants
+--------
+``cpu``: LLVM builds for CI. `append`: one parallel task per new token. `decode`: one task per
+(sequence, KV head, split), the sequence's pages cut into `DECODE_SPLITS` contiguous ranges
+whose partial (max, sum, accumulator) a second parallel loop merges, so a batch of one long
+sequence still fills the cores. `prefill`: one task per (new token, KV head), which walks the
+pages up to its causal limit. No ``cuda`` variant yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from atom_tvm.errors import UserError
+from atom_tvm.quantization.formats import dequantize_kv_asym, quantize_kv_asym
+
+__all__ = [
+    "VARIANTS",
+    "KV_BITS",
+    "HEAD_DIMS",
+    "PAGE_SIZE",
+    "DECODE_SPLITS",
+    "page_shapes",
+    "rope_ref",
+    "write_pages_ref",
+    "append_ref",
+    "dequantize_pages_ref",
+    "attention_ref",
+    "append",
+    "decode",
+    "prefill",
+]
+
+VARIANTS = ("cpu",)
+KV_BITS = (4, 8, 16)
+HEAD_DIMS = (64, 128)
+PAGE_SIZE = 16
+#: Page ranges a decode task list is split into per (sequence, KV head); see Variants.
+DECODE_SPLITS = 4
+#: 1.5 * 2**23: adding it to a float32 in [0, 2**22] rounds to an integer (ties to even) that
+#: sits in the low mantissa bits.
+_ROUND_MAGIC = 1.5 * 2**23
+#: The running max before any score: finite, so that e^(m - m') is 0 and never NaN.
+_NEG_BIG = -3.0e38
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+
+
+def page_shapes(num_pages: int, num_kv_heads: int, head_dim: int, kv_bits: int,
+                page_size: int = PAGE_SIZE) -> list[tuple[tuple[int, ...], str]]:
+    """Shapes and dtypes of one layer's page buffers, in kernel argument order."""
+    _check(kv_bits, num_kv_heads, num_kv_heads, head_dim, page_size)
+    rows = (num_pages, 2, num_kv_heads, page_size)
+    if kv_bits == 16:
+        return [((*rows, head_dim), "float16")]
+    return [((*rows, head_dim * kv_bits // 8), "uint8"), ((*rows, 2), "float16")]
+
+
+def _check(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int):
+    if kv_bits not in KV_BITS:
+        raise UserError(f"{kv_bits}-bit KV cache is not supported; use one of {KV_BITS}")
+    if head_dim not in HEAD_DIMS:
+        raise UserError(f"head_dim {head_dim} is not supported; use one of {HEAD_DIMS}")
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        raise UserError(f"{num_q_heads} query heads do not split into groups of {num_kv_heads} KV heads")
+    if page_size <= 0:
+        raise UserError(f"page size must be positive, got {page_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy references
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_ref(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """float16 RoPE of ``x [n, H, D]`` at ``positions [n]``, TVM's float32 operations.
+
+    ``pow``, ``cos`` and ``sin`` are taken in float64 and rounded to float32 (what a correctly
+    rounded libm returns). The kernels call the target's libm, as TVM's RoPE kernel does; it is
+    not correctly rounded, so a few float16 results in a million differ by one ulp from this
+    reference, while `append` and TVM's kernel agree bit for bit on the same target.
+    """
+    x = np.asarray(x, np.float16)
+    dim = x.shape[-1]
+    d = np.arange(dim)
+    exponent = ((2 * d) % dim).astype(np.float32) / np.float32(dim)
+    denom = np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
+    freq = np.asarray(positions).astype(np.float32)[:, None] / denom[None, :]
+    cos = np.cos(freq.astype(np.float64)).astype(np.float32)[:, None, :]
+    sin = np.sin(freq.astype(np.float64)).astype(np.float32)[:, None, :]
+    half = dim // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (cos * x.astype(np.float32) + sin * rot.astype(np.float32)).astype(np.float16)
+
+
+def write_pages_ref(pages: tuple, slots: np.ndarray, k: np.ndarray, v: np.ndarray,
+                    kv_bits: int) -> tuple:
+    """Pages with float16 rows ``k, v [n, H_kv, D]`` stored (quantized) at ``slots [n]``;
+    ``pages`` (as `page_shapes`) is not modified."""
+    page_size = pages[0].shape[3]
+    page, off = np.asarray(slots) // page_size, np.asarray(slots) % page_size
+    pages = tuple(p.copy() for p in pages)
+    for which, x in ((0, k), (1, v)):
+        if kv_bits == 16:
+            pages[0][page, which, :, off] = x
+        else:
+            codes, scale, zero = quantize_kv_asym(x, kv_bits)
+            pages[0][page, which, :, off] = codes
+            pages[1][page, which, :, off] = np.concatenate([scale, zero], axis=-1)
+    return pages
+
+
+def append_ref(qkv: np.ndarray, positions: np.ndarray, slots: np.ndarray, pages: tuple,
+               num_q_heads: int, num_kv_heads: int, rope_theta: float,
+               kv_bits: int) -> tuple[np.ndarray, tuple]:
+    """What `append` computes: ``(q_rot, new pages)``; ``pages`` is not modified."""
+    qkv = np.asarray(qkv, np.float16)
+    hq, hkv = num_q_heads, num_kv_heads
+    q_rot = rope_ref(qkv[:, :hq], positions, rope_theta)
+    k_rot = rope_ref(qkv[:, hq:hq + hkv], positions, rope_theta)
+    return q_rot, write_pages_ref(pages, slots, k_rot, qkv[:, hq + hkv:], kv_bits)
+
+
+def dequantize_pages_ref(pages: tuple, kv_bits: int) -> np.ndarray:
+    """float32 ``[pages, 2, H_kv, P, D]`` values the attention kernels read from ``pages``."""
+    if kv_bits == 16:
+        return pages[0].astype(np.float32)
+    codes, scale_zero = pages
+    return dequantize_kv_asym(codes, scale_zero[..., 0:1], scale_zero[..., 1:2], kv_bits)
+
+
+def attention_ref(q: np.ndarray, qo_indptr: np.ndarray, pages: tuple, page_indptr: np.ndarray,
+                  page_indices: np.ndarray, last_page_len: np.ndarray, kv_bits: int) -> np.ndarray:
+    """float64 causal attention of ragged ``q [n, H_q, D]`` over the paged K/V (both kernels).
+
+    Query ``i`` of a sequence with ``l`` queries and ``L`` cached tokens sees tokens
+    ``0 .. L - l + i``; decode is ``qo_indptr = arange(B + 1)``.
+    """
+    kv = dequantize_pages_ref(pages, kv_bits).astype(np.float64)
+    page_size = kv.shape[3]
+    n, hq, dim = q.shape
+    hkv = kv.shape[2]
+    out = np.zeros((n, hq, dim))
+    for b in range(len(last_page_len)):
+        ids = page_indices[page_indptr[b]:page_indptr[b + 1]]
+        length = (len(ids) - 1) * page_size + last_page_len[b]
+        # [2, H_kv, L, D] with the sequence's tokens in order, each KV head repeated for its group.
+        seq = kv[ids].transpose(1, 2, 0, 3, 4).reshape(2, hkv, -1, dim)[:, :, :length]
+        seq = np.repeat(seq, hq // hkv, axis=1)
+        q0, q1 = qo_indptr[b], qo_indptr[b + 1]
+        qb = q[q0:q1].astype(np.float64).transpose(1, 0, 2)  # [H_q, l, D]
+        scores = qb @ seq[0].transpose(0, 2, 1) / math.sqrt(dim)
+        visible = np.arange(length)[None, :] <= (length - (q1 - q0) + np.arange(q1 - q0))[:, None]
+        scores = np.where(visible[None], scores, -np.inf)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out[q0:q1] = (probs @ seq[1]).transpose(1, 0, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar steps shared by the kernels (plain Python building TIR expressions)
+# ---------------------------------------------------------------------------------------------
+
+
+def _load(kv_bits: int, codes, scale_zero, page, which, head, t, d):
+    """float32 value of element d of token t's row (K if which == 0, else V), dequantized."""
+    if kv_bits == 16:
+        return T.Cast("float32", codes[page, which, head, t, d])
+    if kv_bits == 8:
+        code = T.Cast("int32", codes[page, which, head, t, d])
+    else:
+        byte = T.Cast("int32", codes[page, which, head, t, d // 2])
+        code = T.bitwise_and(T.shift_right(byte, 4 * (d % 2)), 15)
+    return (T.Cast("float32", code) * T.Cast("float32", scale_zero[page, which, head, t, 0])
+            + T.Cast("float32", scale_zero[page, which, head, t, 1]))
+
+
+def _code(x, zero, recip, qmax: int):
+    """int32 code clamp(rint((x - zero) * recip), 0, qmax) (formats.quantize_kv_asym's rule).
+
+    Clamping before rounding equals clamping after (the bounds are integers); for t in
+    [0, qmax] the float32 sum t + 1.5 * 2**23 is rounded to the integer nearest t, ties to even
+    like numpy's rint, and that integer is the low mantissa bits of the sum.
+    """
+    t = T.max(T.min((x - T.Cast("float32", zero)) * recip, T.float32(qmax)), T.float32(0))
+    return T.bitwise_and(T.reinterpret("int32", t + T.float32(_ROUND_MAGIC)), 255)
+
+
+def _rope(x, s, h, d, pos, dim: int, theta: float):
+    """float32 RoPE of element d of x[s, h, :] at position pos (module docstring formula)."""
+    freq = T.Cast("float32", pos) / T.pow(
+        T.float32(theta), T.Cast("float32", (d * 2) % dim) / T.float32(dim))
+    rot = T.if_then_else(d < dim // 2, -x[s, h, d + dim // 2], x[s, h, d - dim // 2])
+    return T.cos(freq) * T.Cast("float32", x[s, h, d]) + T.sin(freq) * T.Cast("float32", rot)
+
+
+# ---------------------------------------------------------------------------------------------
+# append
+# ---------------------------------------------------------------------------------------------
+
+
+def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
+           page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
+    """RoPE + quantize-into-pages. Arguments: ``qkv float16 [n, H_q + 2 H_kv, D]``,
+    ``positions int32 [n]``, ``slots int32 [n]`` (page * P + offset), ``q_rot float16 [n, H_q,
+    D]`` (written), then the page buffers of `page_shapes` (written in place at the slots)."""
+    _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
+    _check_variant(variant)
+    HQ, HKV, D, P = num_q_heads, num_kv_heads, head_dim, page_size
+    qmax = (1 << kv_bits) - 1
+    # float32(1 / qmax) rounded once, as formats rounds it.
+    inv_qmax = float(np.float32(1 / qmax))
+    theta = float(np.float32(rope_theta))
+
+    @T.macro
+    def store_row(row, codes, scale_zero, page, which, head, off):
+        if kv_bits == 16:
+            for d in range(D):
+                codes[page, which, head, off, d] = T.Cast("float16", row[d])
+        else:
+            lo: T.float32 = row[0]
+            hi: T.float32 = row[0]
+            for d in range(1, D):
+                lo = T.min(lo, row[d])
+                hi = T.max(hi, row[d])
+            zero = T.Cast("float16", lo)
+            scale = T.Cast("float16", T.max(hi - T.Cast("float32", zero), T.float32(0))
+                           * T.float32(inv_qmax))
+            recip = T.Select(scale == T.float16(0), T.float32(0),
+                             T.float32(1) / T.Cast("float32", scale))
+            scale_zero[page, which, head, off, 0] = scale
+            scale_zero[page, which, head, off, 1] = zero
+            if kv_bits == 8:
+                for d in range(D):
+                    codes[page, which, head, off, d] = T.Cast("uint8", _code(row[d], zero, recip, qmax))
+            else:
+                for j in range(D // 2):
+                    codes[page, which, head, off, j] = T.Cast("uint8", T.bitwise_or(
+                        _code(row[2 * j], zero, recip, qmax),
+                        T.shift_left(_code(row[2 * j + 1], zero, recip, qmax), 4)))
+
+    @T.macro
+    def body(QKV, Pos, Slots, QRot, codes, scale_zero, n):
+        for s in T.parallel(n):
+            row = T.decl_buffer((D,), "float32")
+            page = Slots[s] // P
+            off = Slots[s] % P
+            for h, d in T.grid(HQ, D):
+                QRot[s, h, d] = T.Cast("float16", _rope(QKV, s, h, d, Pos[s], D, theta))
+            for h in range(HKV):
+                # K is rounded to float16 first: the value an FP16 cache would hold.
+                for d in range(D):
+                    row[d] = T.Cast("float32", T.Cast(
+                        "float16", _rope(QKV, s, HQ + h, d, Pos[s], D, theta)))
+                store_row(row, codes, scale_zero, page, 0, h, off)
+                for d in range(D):
+                    row[d] = T.Cast("float32", QKV[s, HQ + HKV + h, d])
+                store_row(row, codes, scale_zero, page, 1, h, off)
+
+    width = D * kv_bits // 8
+    if kv_bits == 16:
+
+        @T.prim_func
+        def func(qkv_h: T.handle, pos_h: T.handle, slot_h: T.handle, q_h: T.handle,
+                 data_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int32()
+            num_pages = T.int32()
+            QKV = T.match_buffer(qkv_h, (n, HQ + 2 * HKV, D), "float16")
+            Pos = T.match_buffer(pos_h, (n,), "int32")
+            Slots = T.match_buffer(slot_h, (n,), "int32")
+            QRot = T.match_buffer(q_h, (n, HQ, D), "float16")
+            Data = T.match_buffer(data_h, (num_pages, 2, HKV, P, D), "float16")
+            body(QKV, Pos, Slots, QRot, Data, None, n)
+
+    else:
+
+        @T.prim_func
+        def func(qkv_h: T.handle, pos_h: T.handle, slot_h: T.handle, q_h: T.handle,
+                 codes_h: T.handle, sz_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int32()
+            num_pages = T.int32()
+            QKV = T.match_buffer(qkv_h, (n, HQ + 2 * HKV, D), "float16")
+            Pos = T.match_buffer(pos_h, (n,), "int32")
+            Slots = T.match_buffer(slot_h, (n,), "int32")
+            QRot = T.match_buffer(q_h, (n, HQ, D), "float16")
+            Codes = T.match_buffer(codes_h, (num_pages, 2, HKV, P, width), "uint8")
+            SZ = T.match_buffer(sz_h, (num_pages, 2, HKV, P, 2), "float16")
+            body(QKV, Pos, Slots, QRot, Codes, SZ, n)
+
+    name = f"kv_append_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
+    return func.with_attr("global_symbol", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (decode and prefill share the page walk)
+# ---------------------------------------------------------------------------------------------
+
+
+def _attend_macro(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int):
+    """The page walk of one task: query rows ``Q[row, hk*G : (hk+1)*G]`` against the tokens
+    ``[p0 * P, kv_end)`` of sequence b, pages p0 .. p1-1, into online-softmax state m, l, acc."""
+    G, D, P = num_q_heads // num_kv_heads, head_dim, page_size
+    sm_scale = float(np.float32(1 / math.sqrt(D)))
+
+    @T.macro
+    def attend(Q, row, hk, codes, scale_zero, Indptr, Indices, b, p0, p1, kv_end, m, l, acc):
+        qf = T.decl_buffer((G, D), "float32")
+        kf = T.decl_buffer((P, D), "float32")
+        vf = T.decl_buffer((P, D), "float32")
+        sc = T.decl_buffer((P,), "float32")
+        for g, d in T.grid(G, D):
+            qf[g, d] = T.Cast("float32", Q[row, hk * G + g, d])
+        for g in range(G):
+            m[g] = T.float32(_NEG_BIG)
+            l[g] = T.float32(0)
+            for d in range(D):
+                acc[g, d] = T.float32(0)
+        for pi in range(T.max(p1 - p0, 0)):
+            page = Indices[Indptr[b] + p0 + pi]
+            ntok = T.min(P, kv_end - (p0 + pi) * P)
+            # Dequantized once per page, then used by all G query heads of the group.
+            for t, d in T.grid(ntok, D):
+                kf[t, d] = _load(kv_bits, codes, scale_zero, page, 0, hk, t, d)
+                vf[t, d] = _load(kv_bits, codes, scale_zero, page, 1, hk, t, d)
+            for g in range(G):
+                page_max: T.float32 = T.float32(_NEG_BIG)
+                for t in range(ntok):
+                    dot: T.float32 = T.float32(0)
+                    for d in range(D):
+                        dot = dot + qf[g, d] * kf[t, d]
+                    sc[t] = dot * T.float32(sm_scale)
+                    page_max = T.max(page_max, sc[t])
+                m_new = T.max(m[g], page_max)
+                correction = T.exp(m[g] - m_new)
+                l[g] = l[g] * correction
+                for d in range(D):
+                    acc[g, d] = acc[g, d] * correction
+                for t in range(ntok):
+                    p = T.exp(sc[t] - m_new)
+                    l[g] = l[g] + p
+                    for d in range(D):
+                        acc[g, d] = acc[g, d] + p * vf[t, d]
+                m[g] = m_new
+
+    return attend
+
+
+def decode(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+           page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
+    """Decode attention. Arguments: ``q float16 [B, H_q, D]`` (rotated), the page buffers,
+    ``page_indptr int32 [B+1]``, ``page_indices int32 [total]``, ``last_page_len int32 [B]``,
+    ``out float16 [B, H_q, D]`` (written). Every sequence needs at least one token."""
+    _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
+    _check_variant(variant)
+    HQ, HKV, D, P, S = num_q_heads, num_kv_heads, head_dim, page_size, DECODE_SPLITS
+    G = HQ // HKV
+    attend = _attend_macro(kv_bits, HQ, HKV, D, P)
+
+    @T.macro
+    def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
+        # Per (sequence, query head, split): the split's max and sum, then its accumulator.
+        part_ml = T.decl_buffer((B, HQ, S, 2), "float32")
+        part_acc = T.decl_buffer((B, HQ, S, D), "float32")
+        for task in T.parallel(B * HKV * S):
+            b = task // (HKV * S)
+            hk = task // S % HKV
+            split = task % S
+            num = Indptr[b + 1] - Indptr[b]
+            per = (num + S - 1) // S
+            m = T.decl_buffer((G,), "float32")
+            l = T.decl_buffer((G,), "float32")
+            acc = T.decl_buffer((G, D), "float32")
+            attend(Q, b, hk, codes, scale_zero, Indptr, Indices, b, split * per,
+                   T.min(num, (split + 1) * per), (num - 1) * P + LastLen[b], m, l, acc)
+            for g in range(G):
+                part_ml[b, hk * G + g, split, 0] = m[g]
+                part_ml[b, hk * G + g, split, 1] = l[g]
+                for d in range(D):
+                    part_acc[b, hk * G + g, split, d] = acc[g, d]
+        for task in T.parallel(B * HQ):
+            b = task // HQ
+            h = task % HQ
+            m_all: T.float32 = part_ml[b, h, 0, 0]
+            for split in range(1, S):
+                m_all = T.max(m_all, part_ml[b, h, split, 0])
+            # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - m_all) is 0.
+            l_all: T.float32 = T.float32(0)
+            for split in range(S):
+                l_all = l_all + part_ml[b, h, split, 1] * T.exp(part_ml[b, h, split, 0] - m_all)
+            for d in range(D):
+                o: T.float32 = T.float32(0)
+                for split in range(S):
+                    o = o + part_acc[b, h, split, d] * T.exp(part_ml[b, h, split, 0] - m_all)
+                Out[b, h, d] = T.Cast("float16", o / l_all)
+
+    width = D * kv_bits // 8
+    if kv_bits == 16:
+
+        @T.prim_func
+        def func(q_h: T.handle, data_h: T.handle, indptr_h: T.handle, indices_h: T.handle,
+                 last_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            B = T.int32()
+            num_pages = T.int32()
+            total = T.int32()
+            Q = T.match_buffer(q_h, (B, HQ, D), "float16")
+            Data = T.match_buffer(data_h, (num_pages, 2, HKV, P, D), "float16")
+            Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+            Indices = T.match_buffer(indices_h, (total,), "int32")
+            LastLen = T.match_buffer(last_h, (B,), "int32")
+            Out = T.match_buffer(out_h, (B, HQ, D), "float16")
+            body(Q, Data, None, Indptr, Indices, LastLen, Out, B)
+
+    else:
+
+        @T.prim_func
+        def func(q_h: T.handle, codes_h: T.handle, sz_h: T.handle, indptr_h: T.handle,
+                 indices_h: T.handle, last_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            B = T.int32()
+            num_pages = T.int32()
+            total = T.int32()
+            Q = T.match_buffer(q_h, (B, HQ, D), "float16")
+            Codes = T.match_buffer(codes_h, (num_pages, 2, HKV, P, width), "uint8")
+            SZ = T.match_buffer(sz_h, (num_pages, 2, HKV, P, 2), "float16")
+            Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+            Indices = T.match_buffer(indices_h, (total,), "int32")
+            LastLen = T.match_buffer(last_h, (B,), "int32")
+            Out = T.match_buffer(out_h, (B, HQ, D), "float16")
+            body(Q, Codes, SZ, Indptr, Indices, LastLen, Out, B)
+
+    name = f"kv_decode_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
+    return func.with_attr("global_symbol", name)
+
+
+def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+            page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
+    """Causal ragged prefill attention. Arguments: ``q float16 [n, H_q, D]`` (rotated),
+    ``qo_indptr int32 [B+1]``, the page buffers, ``page_indptr``, ``page_indices``,
+    ``last_page_len`` (the pages already hold the n new tokens), ``out float16 [n, H_q, D]``."""
+    _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
+    _check_variant(variant)
+    HQ, HKV, D, P = num_q_heads, num_kv_heads, head_dim, page_size
+    G = HQ // HKV
+    attend = _attend_macro(kv_bits, HQ, HKV, D, P)
+
+    @T.macro
+    def body(Q, QoIndptr, codes, scale_zero, Indptr, Indices, LastLen, Out, n, B):
+        for task in T.parallel(n * HKV):
+            i = task // HKV
+            hk = task % HKV
+            # The sequence of query i: how many sequences end at or before it (empty ones too).
+            seq: T.int32 = 0
+            for bb in range(B):
+                if QoIndptr[bb + 1] <= i:
+                    seq = bb + 1
+            b = seq
+            length = (Indptr[b + 1] - Indptr[b] - 1) * P + LastLen[b]
+            kv_end = length - (QoIndptr[b + 1] - QoIndptr[b]) + (i - QoIndptr[b]) + 1
+            m = T.decl_buffer((G,), "float32")
+            l = T.decl_buffer((G,), "float32")
+            acc = T.decl_buffer((G, D), "float32")
+            attend(Q, i, hk, codes, scale_zero, Indptr, Indices, b, 0, (kv_end + P - 1) // P,
+                   kv_end, m, l, acc)
+            for g, d in T.grid(G, D):
+                Out[i, hk * G + g, d] = T.Cast("float16", acc[g, d] / l[g])
+
+    width = D * kv_bits // 8
+    if kv_bits == 16:
+
+        @T.prim_func
+        def func(q_h: T.handle, qo_h: T.handle, data_h: T.handle, indptr_h: T.handle,
+                 indices_h: T.handle, last_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int32()
+            B = T.int32()
+            num_pages = T.int32()
+            total = T.int32()
+            Q = T.match_buffer(q_h, (n, HQ, D), "float16")
+            QoIndptr = T.match_buffer(qo_h, (B + 1,), "int32")
+            Data = T.match_buffer(data_h, (num_pages, 2, HKV, P, D), "float16")
+            Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+            Indices = T.match_buffer(indices_h, (total,), "int32")
+            LastLen = T.match_buffer(last_h, (B,), "int32")
+            Out = T.match_buffer(out_h, (n, HQ, D), "float16")
+            body(Q, QoIndptr, Data, None, Indptr, Indices, LastLen, Out, n, B)
+
+    else:
+
+        @T.prim_func
+        def func(q_h: T.handle, qo_h: T.handle, codes_h: T.handle, sz_h: T.handle,
+                 indptr_h: T.handle, indices_h: T.handle, last_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int32()
+            B = T.int32()
+            num_pages = T.int32()
+            total = T.int32()
+            Q = T.match_buffer(q_h, (n, HQ, D), "float16")
+            QoIndptr = T.match_buffer(qo_h, (B + 1,), "int32")
+            Codes = T.match_buffer(codes_h, (num_pages, 2, HKV, P, width), "uint8")
+            SZ = T.match_buffer(sz_h, (num_pages, 2, HKV, P, 2), "float16")
+            Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+            Indices = T.match_buffer(indices_h, (total,), "int32")
+            LastLen = T.match_buffer(last_h, (B,), "int32")
+            Out = T.match_buffer(out_h, (n, HQ, D), "float16")
+            body(Q, QoIndptr, Codes, SZ, Indptr, Indices, LastLen, Out, n, B)
+
+    name = f"kv_prefill_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
+    return func.with_attr("global_symbol", name)
+
+
+def _check_variant(variant: str):
+    if variant not in VARIANTS:
+        raise UserError(f"unknown kernel variant {variant!r}: choose from {', '.join(VARIANTS)}")
