@@ -73,38 +73,12 @@ def hf_window_logits(model) -> WindowLogits:
 
 
 def package_window_logits(chat) -> WindowLogits:
-    """Logits of a compiled package (a loaded ChatModel) at every position of a window.
-
-    Drives the library as the engine's prefill does (embed, begin_forward, forward, end_forward),
-    but calls ``batch_prefill`` with logit_positions = 0..n-1 so every position's logits come back;
-    the window goes in chunks of at most prefill_chunk_size, attending to the cached earlier
-    chunks, and the sequence is reset before each window.
-    """
-    import tvm
-    import tvm_ffi
-
-    from atom_tvm.runtime.engine import _SEQ_ID  # the one sequence a ChatModel holds
-
-    begin = tvm_ffi.get_global_func("vm.builtin.kv_state_begin_forward")
-    end = tvm_ffi.get_global_func("vm.builtin.kv_state_end_forward")
-    embed, batch_prefill = chat.vm["embed"], chat.vm["batch_prefill"]
+    """Logits of a compiled package (a loaded ChatModel) at every position of a window, each window
+    from an empty cache (the window goes in chunks of at most the package's prefill chunk size)."""
 
     def logits(ids: np.ndarray) -> np.ndarray:
         chat.reset()
-        rows = []
-        for start in range(0, len(ids), chat.prefill_chunk_size):
-            chunk = np.asarray(ids[start:start + chat.prefill_chunk_size], np.int32)
-            n = len(chunk)
-            hidden = embed(tvm.runtime.tensor(chunk, chat.device), chat.params)
-            hidden = hidden._create_view(tvm_ffi.Shape([1, n, chat.hidden_size]))
-            positions = tvm.runtime.tensor(np.arange(n, dtype=np.int32), chat.device)
-            begin(chat.kv_cache, tvm_ffi.Shape([_SEQ_ID]), tvm_ffi.Shape([n]))
-            try:
-                out, _ = batch_prefill(hidden, positions, chat.kv_cache, chat.params)
-            finally:
-                end(chat.kv_cache)
-            rows.append(out.numpy()[0])
-        return np.concatenate(rows, axis=0)
+        return chat.prefill_every_position([int(t) for t in ids])
     return logits
 
 

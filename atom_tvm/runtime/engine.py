@@ -87,7 +87,8 @@ class ChatModel:
         self.tokenizer = self._load_tokenizer()
         eos = self.config["eos_token_id"]
         self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-        self._fns = {name: self.vm[name] for name in ("embed", "prefill", "decode", "softmax_with_temperature")}
+        self._fns = {name: self.vm[name] for name in
+                     ("embed", "prefill", "decode", "batch_prefill", "softmax_with_temperature")}
         shape = tvm_ffi.Shape
         self.kv_cache = self.vm["create_paged_kv_cache"](
             shape([1]), shape([self.context_window_size]), shape([self.prefill_chunk_size]),
@@ -123,14 +124,15 @@ class ChatModel:
         self._num_cached = 0
         self._pending = []
 
-    def _forward(self, fn: str, token_ids: list[int]) -> tvm.runtime.Tensor:
-        """Run `prefill` or `decode` on tokens appended to the sequence; float32 logits [1, 1, vocab]."""
+    def _forward(self, fn: str, token_ids: list[int], *extra) -> tvm.runtime.Tensor:
+        """Run `prefill`, `decode` or `batch_prefill` (whose `extra` is the logit positions) on tokens
+        appended to the sequence; float32 logits [1, positions, vocab]."""
         ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
         embed = self._fns["embed"](ids, self.params)
         embed = embed._create_view(tvm_ffi.Shape([1, len(token_ids), self.hidden_size]))
         self._begin(self.kv_cache, tvm_ffi.Shape([_SEQ_ID]), tvm_ffi.Shape([len(token_ids)]))
         try:
-            logits, _ = self._fns[fn](embed, self.kv_cache, self.params)
+            logits, _ = self._fns[fn](embed, *extra, self.kv_cache, self.params)
         except BaseException:  # Ctrl-C included: undo the append so the cache matches _num_cached
             self._end(self.kv_cache)
             self._kv_builtin("vm.builtin.kv_state_popn", _SEQ_ID, len(token_ids))
@@ -145,6 +147,16 @@ class ChatModel:
         for start in range(0, len(token_ids), self.prefill_chunk_size):
             logits = self._forward("prefill", token_ids[start:start + self.prefill_chunk_size])
         return logits
+
+    def prefill_every_position(self, token_ids: list[int]) -> np.ndarray:
+        """Append tokens like `prefill`, returning float32 logits [n, vocab] at every position
+        (perplexity): `batch_prefill` with logit positions 0..chunk-1 for each chunk."""
+        rows = []
+        for start in range(0, len(token_ids), self.prefill_chunk_size):
+            chunk = token_ids[start:start + self.prefill_chunk_size]
+            positions = tvm.runtime.tensor(np.arange(len(chunk), dtype="int32"), self.device)
+            rows.append(self._forward("batch_prefill", chunk, positions).numpy()[0])
+        return np.concatenate(rows, axis=0)
 
     def decode(self, token: int) -> tvm.runtime.Tensor:
         """Append one token; float32 logits [1, 1, vocab] of the next."""
