@@ -157,10 +157,37 @@ def _ldmatrix(frag, index, count, tile, offset):
     return T.ptx_legacy.ldmatrix(False, count, ".b16", frag.data, index, tile.data, offset, dtype="uint8")
 
 
-def _mma(shape_name, dtype, a, a_index, b, b_index, c, c_index):
-    """One mma.sync ``shape_name`` row.col of ``dtype`` operands into int32 ``c[c_index:]``."""
-    return T.ptx_legacy.mma(shape_name, "row", "col", dtype, dtype, "int32", a.data, a_index, b.data, b_index,
-                            c.data, c_index, False, dtype="int32")
+def _mma(shape_name, dtype, a, a_index, b, b_index, c, c_index, acc_dtype="int32"):
+    """One mma.sync ``shape_name`` row.col of ``dtype`` operands into ``acc_dtype`` ``c[c_index:]``
+    (PTX names: "int8"/"int4" into "int32", "fp16" into "fp32")."""
+    buffer_dtype = "float32" if acc_dtype == "fp32" else acc_dtype
+    return T.ptx_legacy.mma(shape_name, "row", "col", dtype, dtype, acc_dtype, a.data, a_index, b.data, b_index,
+                            c.data, c_index, False, dtype=buffer_dtype)
+
+
+def fragment_loader(cfg: TileConfig):
+    """The macro ``load_fragments(slot, lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w)`` of a
+    tiled kernel with configuration ``cfg``: stage ``slot`` of the swizzled 32-byte-row tiles into
+    the warp's mma fragments, ldmatrix.x4 per 16-row A tile and per pair of 8-row W tiles (x2 for
+    an odd one). A factory, so that every tiled kernel (W4A4 and the dense ones) loads the same way."""
+    BM, BN, MI, NI = cfg.block_m, cfg.block_n, cfg.m_frags, cfg.n_frags
+
+    @T.macro
+    def load_fragments(slot, lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w):
+        for mi in T.unroll(MI):
+            row = warp_m + mi * 16 + lane % 16
+            src = slot * BM * STEP_BYTES + _swizzle(row, lane // 16)
+            T.evaluate(_ldmatrix(frag_a, mi * 4, 4, tile_a, src))
+        for p in T.unroll(NI // 2):
+            row = warp_n + (2 * p + lane // 16) * 8 + lane % 8
+            src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
+            T.evaluate(_ldmatrix(frag_w, p * 4, 4, tile_w, src))
+        if NI % 2 == 1:
+            row = warp_n + (NI - 1) * 8 + lane % 8
+            src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
+            T.evaluate(_ldmatrix(frag_w, (NI - 1) * 2, 2, tile_w, src))
+
+    return load_fragments
 
 
 def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tvm.tirx.PrimFunc:
@@ -242,21 +269,7 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
                     if n0 + i - BM < N:
                         copy_scale_word(dst, WS4, WS8, n0 + i - BM, step)
 
-    @T.macro
-    def load_fragments(slot, lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w):
-        """ldmatrix.x4 per 16-row A tile and per pair of 8-row W tiles (x2 for an odd one)."""
-        for mi in T.unroll(MI):
-            row = warp_m + mi * 16 + lane % 16
-            src = slot * BM * STEP_BYTES + _swizzle(row, lane // 16)
-            T.evaluate(_ldmatrix(frag_a, mi * 4, 4, tile_a, src))
-        for p in T.unroll(NI // 2):
-            row = warp_n + (2 * p + lane // 16) * 8 + lane % 8
-            src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
-            T.evaluate(_ldmatrix(frag_w, p * 4, 4, tile_w, src))
-        if NI % 2 == 1:
-            row = warp_n + (NI - 1) * 8 + lane % 8
-            src = slot * BN * STEP_BYTES + _swizzle(row, lane // 8 % 2)
-            T.evaluate(_ldmatrix(frag_w, (NI - 1) * 2, 2, tile_w, src))
+    load_fragments = fragment_loader(cfg)
 
     @T.macro
     def mma_all(shape_name, dtype, a, b, isum):
@@ -709,8 +722,11 @@ def build_kernel(spec: KernelSpec, out_dir: str) -> str:
     return path
 
 
-def build_kernels(specs, out_dir: str, processes: int | None = None) -> dict[KernelSpec, str]:
-    """`build_kernel` for every spec, in parallel processes (nvcc is the slow part)."""
+def build_kernels(specs, out_dir: str, processes: int | None = None, build=None) -> dict:
+    """``build(spec, out_dir)`` (default `build_kernel`; the dense kernels pass their own, a
+    module-level function so that workers can import it) for every spec, in parallel processes
+    (nvcc is the slow part)."""
+    build = build or build_kernel
     import concurrent.futures
     import multiprocessing
     import os
@@ -718,9 +734,9 @@ def build_kernels(specs, out_dir: str, processes: int | None = None) -> dict[Ker
     specs = list(dict.fromkeys(specs))
     processes = processes or min(len(specs), os.cpu_count() or 1)
     if processes <= 1:
-        return {spec: build_kernel(spec, out_dir) for spec in specs}
+        return {spec: build(spec, out_dir) for spec in specs}
     # spawn: a fresh interpreter per worker, not a fork of one that holds TVM's thread pools.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
-        paths = pool.map(build_kernel, specs, [out_dir] * len(specs))
+        paths = pool.map(build, specs, [out_dir] * len(specs))
         return dict(zip(specs, paths))

@@ -1,0 +1,447 @@
+"""Dense GEMMs for the baselines: fp16 x fp16 (fp16 and W4A16 schemes) and int8 x int8 (W8A8).
+
+Operands (row-major; W in the ``nn.Linear`` layout, so both operands are K-contiguous)::
+
+    fp16_gemm:  x float16 [M, K]                    w float16 [N, K]
+    int8_gemm:  x int8 [M, K]  sx float16 [M, 1]    w int8 [N, K]  sw float16 [N, 1]
+    residual float16 [M, N] (optional)  ->  y float16 [M, N]
+
+Numerics (the references below are the definitions):
+
+* ``fp16_gemm``: ``y = f16(sum_k f32(x[m,k]) * f32(w[n,k]) (+ f32(residual)))`` with the sum in
+  float32. Products of two fp16 are exact in float32, but the kernels add them in different
+  orders (the tensor cores in k-slices of 16, the CPU twin sequentially), so no order is
+  fixed: `fp16_gemm_reference` is the exact sum (float64) rounded once to float16, and a
+  kernel is correct when it is within `fp16_tolerance` of it, elementwise (one float16 ulp for
+  the final rounding plus the worst case of any float32 summation order, ``K 2^-22 sum|x w|``,
+  which also covers tensor cores that truncate instead of rounding) and in relative L2 norm.
+* ``int8_gemm``: exact up to the final scaling, so every variant is bit-exact to::
+
+      acc = sum_k x[m,k] * w[n,k]                    # exact int32 (|acc| <= K 2^14 < 2^31)
+      s   = f32(sx[m]) * f32(sw[n])                  # float32, rounded
+      p   = f32(acc) * s                             # float32, rounded (never fused with the add)
+      y   = f16(p)          or, with a residual,     y = f16(p + f32(residual[m,n]))
+
+  ``f32(int)`` and ``f16(float)`` round to nearest even.
+
+Variants, chosen from the target by `fp16_gemm` / `int8_gemm`:
+
+* ``cpu`` (llvm): parallel over panels of 16 columns, each panel's weights converted once and
+  every row of x streamed over them with the 16 columns in one vector.
+* ``sm80`` (CUDA sm_80 ... sm_90a): the tiled tensor-core kernel of `tir_kernels.gemm_common`
+  (cp.async ring of swizzled 32-byte-row tiles, ldmatrix, mma.sync) with dense operands: a
+  32-byte step of K is 16 fp16 channels (``mma.sync m16n8k16 f16.f16.f32``) or 32 int8 channels
+  (``m16n8k32 s8.s8.s32``), and ldmatrix of either fills the mma fragments as they are, exactly as
+  for the packed INT4 bytes of the W4A4 kernel. There is no group epilogue: one accumulator per
+  output for all of K, and the scaling (int8) or residual only at the end. Hopper runs the same
+  mma.sync code (no wgmma yet), hence one variant for every supported arch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from atom_tvm.errors import UserError
+from tir_kernels.gemm_common import STEP_BYTES, TileConfig, _mma, _swizzle, fragment_loader
+from tir_kernels.w4a4_gemm import _exact_int_dot
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """What differs between the fp16 and int8 kernels: element type and the mma that takes one
+    32-byte step of K, with its accumulator."""
+
+    name: str
+    dtype: str
+    mma_shape: str
+    ptx_dtype: str
+    acc_dtype: str
+    ptx_acc: str
+
+    @property
+    def bytes(self) -> int:
+        return tvm.DataType(self.dtype).bits // 8
+
+
+FP16 = Operand("fp16", "float16", "m16n8k16", "fp16", "float32", "fp32")
+INT8 = Operand("int8", "int8", "m16n8k32", "int8", "int32", "int32")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig(TileConfig):
+    """A tiled-kernel configuration (``stages`` counts 32-byte steps) whose barriers come every
+    ``block_steps`` steps; ``widen`` is unused (no INT4 here)."""
+
+    block_steps: int = 2
+
+
+#: 128x128 blocks of 4 warps (64x64 each: 32 mma per 8 ldmatrix.x4 per step, 128 accumulators a
+#: thread), 6 stages of 32-byte steps = 48 KiB (the static limit), a barrier every 2 steps, so 2
+#: barrier blocks are in flight while one is computed. About 200 registers x 128 threads: two
+#: blocks per SM, each hiding the other's barriers.
+SM80 = DenseConfig("sm80", 128, 128, 2, 2, 6, False, 2)
+#: Alternatives the benchmark probes (`bench/gemm.py --probe`): the W4A4 kernel's 8-warp block
+#: (64x32 warp tiles), and a barrier per step with 5 steps in flight.
+PROBE_CONFIGS = {
+    "sm80": SM80,
+    "sm80_w8": DenseConfig("sm80_w8", 128, 128, 2, 4, 6, False, 2),
+    "sm80_s1": DenseConfig("sm80_s1", 128, 128, 2, 2, 6, False, 1),
+}
+
+
+def check_shape(N: int, K: int) -> None:
+    """Refuse shapes every variant cannot take, naming what would work."""
+    if N <= 0 or N % 16:
+        raise UserError(f"N = {N} must be a positive multiple of 16")
+    if K <= 0:
+        raise UserError(f"K = {K} must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+
+def fp16_gemm_reference(x: np.ndarray, w: np.ndarray, residual=None) -> np.ndarray:
+    """float16 ``[M, N]``: the exact ``x @ w.T (+ residual)`` rounded once to float16.
+
+    Products of float16 values are exact in float64 and a float64 sum of K of them is off by at
+    most ``K 2^-53`` of ``sum|x w|``, far below what the kernels' float32 sums are allowed.
+    """
+    acc = x.astype(np.float64) @ w.astype(np.float64).T
+    if residual is not None:
+        acc = acc + residual.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return acc.astype(np.float16)
+
+
+def fp16_tolerance(x: np.ndarray, w: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-element bound on ``|y - fp16_gemm_reference|`` for a float32-accumulating kernel.
+
+    One float16 ulp of the result (the two roundings to float16, of the kernel's float32 value and
+    of the exact one, can land a whole ulp apart), plus ``K 2^-22 sum_k |x w|``: the worst case of
+    a float32 sum of K terms in any order with unit roundoff up to 2^-23 (a truncating adder),
+    doubled. The residual add is one more float32 rounding, inside the ulp term's slack.
+    """
+    K = x.shape[1]
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    ulp = np.spacing(np.abs(reference).astype(np.float16)).astype(np.float64)
+    return ulp + K * 2.0**-22 * magnitude
+
+
+def int8_gemm_reference(x, sx, w, sw, residual=None) -> np.ndarray:
+    """float16 ``[M, N]`` in the order the module docstring fixes (numpy float32 never fuses)."""
+    acc = _exact_int_dot(x, w)  # float32 of the exact sum, rounded as I2F does
+    scale = sx.astype(np.float32) * sw.astype(np.float32).T
+    out = acc * scale
+    if residual is not None:
+        out = out + residual.astype(np.float32)
+    with np.errstate(over="ignore"):
+        return out.astype(np.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def variant_for(target: tvm.target.Target) -> str:
+    """``cpu`` or ``sm80``: the dense GEMM variant a target gets."""
+    from deploy.targets import SUPPORTED_ARCHS
+
+    kind = target.kind.name
+    if kind == "llvm":
+        return "cpu"
+    if kind == "cuda":
+        arch = str(target.attrs.get("arch", ""))
+        if arch in SUPPORTED_ARCHS:
+            return "sm80"
+        raise UserError(f"no dense GEMM for CUDA arch {arch or '(none)'}; use one of {', '.join(SUPPORTED_ARCHS)}")
+    raise UserError(f"no dense GEMM for target kind {kind!r}; use llvm or cuda")
+
+
+def fp16_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False,
+              cfg: DenseConfig = SM80) -> tvm.tirx.PrimFunc:
+    """``y = x @ w.T (+ residual)`` in float16 with float32 sums, for any M (dynamic).
+
+    PrimFunc arguments: ``x, w``, then ``residual`` if asked for, then ``y``. ``cfg`` picks the
+    CUDA tiling (the benchmark's probes); llvm ignores it.
+    """
+    return _dense_gemm(FP16, target, N, K, residual, cfg)
+
+
+def int8_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False,
+              cfg: DenseConfig = SM80) -> tvm.tirx.PrimFunc:
+    """``y = (x @ w.T) * sx * sw (+ residual)`` from int8 codes, int32 sums, for any M (dynamic).
+
+    PrimFunc arguments: ``x, sx, w, sw``, then ``residual`` if asked for, then ``y``.
+    """
+    return _dense_gemm(INT8, target, N, K, residual, cfg)
+
+
+def _dense_gemm(op: Operand, target, N: int, K: int, residual: bool, cfg: DenseConfig) -> tvm.tirx.PrimFunc:
+    check_shape(N, K)
+    if variant_for(target) == "cpu":
+        return _with_signature(op, residual, _cpu_body(op, N, K, residual), f"{op.name}_gemm_cpu")
+    return _with_signature(op, residual, _cuda_body(op, N, K, residual, cfg), kernel_name(op, cfg, residual))
+
+
+def kernel_name(op: Operand, cfg: DenseConfig, residual: bool) -> str:
+    """``<fp16|int8>_gemm_<config>[_residual]``: the PrimFunc's global symbol."""
+    return f"{op.name}_gemm_{cfg.name}" + ("_residual" if residual else "")
+
+
+def _with_signature(op: Operand, residual: bool, body, name: str) -> tvm.tirx.PrimFunc:
+    """``body(x, sx, w, sw, res, y)`` as a PrimFunc with the arguments of `fp16_gemm` / `int8_gemm`
+    (the fp16 one has no scales: its body never reads ``sx``/``sw``, and gets ``x``/``w`` there)."""
+    if op is INT8 and residual:
+
+        @T.prim_func
+        def func(x: T.handle, sx: T.handle, w: T.handle, sw: T.handle, res: T.handle, y: T.handle):
+            body(x, sx, w, sw, res, y)
+
+    elif op is INT8:
+
+        @T.prim_func
+        def func(x: T.handle, sx: T.handle, w: T.handle, sw: T.handle, y: T.handle):
+            body(x, sx, w, sw, y, y)
+
+    elif residual:
+
+        @T.prim_func
+        def func(x: T.handle, w: T.handle, res: T.handle, y: T.handle):
+            body(x, x, w, w, res, y)
+
+    else:
+
+        @T.prim_func
+        def func(x: T.handle, w: T.handle, y: T.handle):
+            body(x, x, w, w, y, y)
+
+    return func.with_attr("global_symbol", name)
+
+
+def _epilogue_value(op: Operand, acc, row, col, SX, SW, cuda: bool):
+    """float32 of one output before the residual: the sum (fp16), or ``f32(acc) * (sx * sw)``
+    (int8); on CUDA as ``__fmul_rn``, which nvcc never contracts with the residual add into an
+    FMA (the CPU body stores the product instead)."""
+    if op is FP16:
+        return acc
+    scale = T.Cast("float32", SX[row, 0]) * T.Cast("float32", SW[col, 0])
+    if cuda:
+        return T.call_pure_extern("float32", "__fmul_rn", T.Cast("float32", acc), scale)
+    return T.Cast("float32", acc) * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu
+# ---------------------------------------------------------------------------------------------
+
+#: Output columns one CPU task owns: a 16-lane float32 / int32 vector (N % 16 == 0).
+_CPU_PANEL = 16
+
+
+def _cpu_body(op: Operand, N: int, K: int, residual: bool):
+    """llvm TIR: per panel of 16 columns, the weights once into a k-major panel of accumulator
+    type, then every row of x streamed over it. The int8 scaled product is stored before the
+    residual is added, so LLVM cannot contract the two into an FMA (the reference rounds both)."""
+    P = _CPU_PANEL
+    ACC = op.acc_dtype
+
+    @T.macro
+    def body(x, sx, w, sw, res, y):
+        M = T.int32()
+        X = T.match_buffer(x, (M, K), op.dtype)
+        W = T.match_buffer(w, (N, K), op.dtype)
+        SX = T.match_buffer(sx, (M, 1), "float16") if op is INT8 else X
+        SW = T.match_buffer(sw, (N, 1), "float16") if op is INT8 else W
+        Y = T.match_buffer(y, (M, N), "float16")
+        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+        for panel in T.parallel(N // P):
+            n0 = panel * P
+            wp = T.alloc_buffer((K, P), ACC)
+            acc = T.alloc_buffer((P,), ACC)
+            out = T.alloc_buffer((P,), "float32")
+            for k, j in T.grid(K, P):
+                wp[k, j] = T.Cast(ACC, W[n0 + j, k])
+            for m in range(M):
+                for j in T.vectorized(P):
+                    acc[j] = T.Cast(ACC, 0)
+                for k in range(K):
+                    xk = T.Cast(ACC, X[m, k])
+                    for j in T.vectorized(P):
+                        acc[j] = acc[j] + xk * wp[k, j]
+                for j in T.vectorized(P):
+                    out[j] = _epilogue_value(op, acc[j], m, n0 + j, SX, SW, False)
+                for j in T.vectorized(P):
+                    if residual:
+                        Y[m, n0 + j] = T.Cast("float16", out[j] + T.Cast("float32", R[m, n0 + j]))
+                    else:
+                        Y[m, n0 + j] = T.Cast("float16", out[j])
+
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# sm80: the tiled tensor-core kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuda_body(op: Operand, N: int, K: int, residual: bool, cfg: DenseConfig):
+    """The skeleton of `gemm_common.w4a4_cuda_prim_func` without groups::
+
+        grid (ceil(N / BN), ceil(M / BM)), one block of WM x WN warps
+        K in 32-byte steps, taken in barrier blocks of `block_steps` steps; per block:
+            wait for its stages, one barrier, cp.async the block `stages/block_steps - 1` ahead
+            per step: ldmatrix (`fragment_loader`) and one mma.sync per 16x8 tile
+        y = f16(acc, scaled for int8 (+ residual))
+
+    Rows past M (columns past N) are not copied; their stale shared memory only reaches outputs
+    that are not stored (an output row depends on its own x row alone, a column on its w row).
+    """
+    BM, BN, S, THREADS = cfg.block_m, cfg.block_n, cfg.stages, cfg.threads
+    MI, NI, SPB = cfg.m_frags, cfg.n_frags, cfg.block_steps
+    TM, TN = BM // cfg.warps_m, BN // cfg.warps_n
+    CHUNK_ELEMS = 16 // op.bytes  # elements in one 16-byte cp.async
+    if (K * op.bytes) % (STEP_BYTES * SPB):
+        raise UserError(f"the CUDA {op.name} GEMM needs K to be a multiple of {STEP_BYTES * SPB // op.bytes}, "
+                        f"got K = {K}")
+    BLOCKS = K * op.bytes // STEP_BYTES // SPB
+    IN_FLIGHT = S // SPB - 1
+    ROW_CHUNKS = 2 * SPB  # 16-byte chunks of one row in a barrier block
+    CHUNK_ROUNDS = -(-(BM + BN) * ROW_CHUNKS // THREADS)
+    ACC = MI * NI * 4
+    load_fragments = fragment_loader(cfg)
+
+    @T.macro
+    def copy_block(block, tx, m0, n0, M, X, W, tile_a, tile_w):
+        """cp.async barrier block `block` into its stages, one 16-byte chunk per thread and
+        round; consecutive threads take consecutive chunks of a row (64 contiguous bytes)."""
+        for r in T.unroll(CHUNK_ROUNDS):
+            c = tx + r * THREADS
+            row = c // ROW_CHUNKS
+            step = block * SPB + c % ROW_CHUNKS // 2
+            half = c % 2
+            col = (step * 2 + half) * CHUNK_ELEMS
+            if row < BM:
+                if m0 + row < M:
+                    dst = tile_a.ptr_to([step % S * BM * STEP_BYTES + _swizzle(row, half)])
+                    T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, X.ptr_to([m0 + row, col]), 16))
+            elif row < BM + BN:
+                if n0 + row - BM < N:
+                    dst = tile_w.ptr_to([step % S * BN * STEP_BYTES + _swizzle(row - BM, half)])
+                    T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, W.ptr_to([n0 + row - BM, col]), 16))
+
+    @T.macro
+    def body(x, sx, w, sw, res, y):
+        M = T.int32()
+        X = T.match_buffer(x, (M, K), op.dtype)
+        W = T.match_buffer(w, (N, K), op.dtype)
+        SX = T.match_buffer(sx, (M, 1), "float16") if op is INT8 else X
+        SW = T.match_buffer(sw, (N, 1), "float16") if op is INT8 else W
+        Y = T.match_buffer(y, (M, N), "float16")
+        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+
+        bx = T.launch_thread("blockIdx.x", -(-N // BN))
+        by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
+        tx = T.launch_thread("threadIdx.x", THREADS)
+        tile_a = T.alloc_buffer((S * BM * STEP_BYTES,), "uint8", scope="shared")
+        tile_w = T.alloc_buffer((S * BN * STEP_BYTES,), "uint8", scope="shared")
+        frag_a = T.alloc_buffer((MI * 4,), "uint32", scope="local")
+        frag_w = T.alloc_buffer((NI * 2,), "uint32", scope="local")
+        acc = T.alloc_buffer((ACC,), op.acc_dtype, scope="local")
+
+        m0 = by * BM
+        n0 = bx * BN
+        lane = tx % 32
+        warp_m = tx // 32 // cfg.warps_n * TM
+        warp_n = tx // 32 % cfg.warps_n * TN
+        copy_args = (tx, m0, n0, M, X, W, tile_a, tile_w)
+
+        for i in T.unroll(ACC):
+            acc[i] = T.Cast(op.acc_dtype, 0)
+        for block in T.unroll(IN_FLIGHT):
+            if block < BLOCKS:
+                copy_block(block, *copy_args)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+
+        for block in T.serial(BLOCKS):
+            # Blocks 0..block have landed once at most IN_FLIGHT - 1 younger groups are pending;
+            # the barrier also retires every read of the stages refilled next (block - 1's).
+            T.evaluate(T.ptx["cp.async.wait_group"](IN_FLIGHT - 1))
+            T.tvm_storage_sync("shared")
+            if block + IN_FLIGHT < BLOCKS:
+                copy_block(block + IN_FLIGHT, *copy_args)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+            # One straight run of code per block, so nvcc can load the next step's fragments
+            # while the tensor cores work on this one.
+            for h in T.unroll(SPB):
+                load_fragments((block * SPB + h) % S, lane, warp_m, warp_n, tile_a, tile_w, frag_a, frag_w)
+                for mi in T.unroll(MI):
+                    for ni in T.unroll(NI):
+                        T.evaluate(_mma(op.mma_shape, op.ptx_dtype, frag_a, mi * 4, frag_w, ni * 2, acc,
+                                        (mi * NI + ni) * 4, op.ptx_acc))
+
+        # Unrolled, so that every accumulator index is a constant and acc stays in registers.
+        for mi in T.unroll(MI):
+            for ni in T.unroll(NI):
+                for hh in T.unroll(2):
+                    row = m0 + warp_m + mi * 16 + lane // 4 + hh * 8
+                    col = n0 + warp_n + ni * 8 + lane % 4 * 2
+                    if row < M and col < N:
+                        for e in T.unroll(2):
+                            value = _epilogue_value(op, acc[(mi * NI + ni) * 4 + hh * 2 + e], row, col + e,
+                                                    SX, SW, True)
+                            if residual:
+                                Y[row, col + e] = T.Cast("float16", value + T.Cast("float32", R[row, col + e]))
+                            else:
+                                Y[row, col + e] = T.Cast("float16", value)
+
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Building standalone CUDA libraries (tests, benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSpec:
+    """One CUDA dense-GEMM library to build: ``op`` "fp16" or "int8", for ``archs``, with the
+    tiling `PROBE_CONFIGS[config]`."""
+
+    op: str
+    archs: tuple[str, ...]
+    N: int
+    K: int
+    residual: bool
+    config: str = "sm80"
+
+    def function_name(self) -> str:
+        return kernel_name(FP16 if self.op == "fp16" else INT8, PROBE_CONFIGS[self.config], self.residual)
+
+    def file_name(self) -> str:
+        return f"{self.op}_{self.config}_{'-'.join(self.archs)}_N{self.N}_K{self.K}_r{int(self.residual)}.so"
+
+
+def build_dense_kernel(spec: DenseSpec, out_dir: str) -> str:
+    """Compile ``spec`` with nvcc (SASS for each arch, PTX of the lowest) and export it; for
+    `gemm_common.build_kernels(..., build=build_dense_kernel)`."""
+    import os
+
+    from atom_tvm import cuda_build
+    from deploy.targets import make_target
+
+    cuda_build.enable_cuda_codegen()
+    target = make_target("cuda", list(spec.archs))
+    make = fp16_gemm if spec.op == "fp16" else int8_gemm
+    func = make(target, spec.N, spec.K, spec.residual, PROBE_CONFIGS[spec.config])
+    with cuda_build.use_nvcc_fatbin(list(spec.archs)):
+        executable = tvm.compile(func, target)
+    path = os.path.join(out_dir, spec.file_name())
+    executable.export_library(path)
+    return path
