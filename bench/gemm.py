@@ -1,4 +1,4 @@
-"""Benchmark the W4A4 GEMM (Hopper path) against cuBLAS fp16 and int8 through torch.
+"""Benchmark the W4A4 GEMM (Hopper path) and the dense fp16 / int8 GEMMs against cuBLAS through torch.
 
     python bench/gemm.py --json docs/bench/gemm_h200.json --png docs/bench/gemm_h200.png
     python bench/gemm.py --plot docs/bench/gemm_h200.json --png docs/bench/gemm_h200.png
@@ -13,6 +13,10 @@ What is timed: the GEMM alone on operands already in their formats (pre-quantize
 codes and scales for W4A4; fp16 for cuBLAS fp16; int8 for torch._int_mm, whose int32 output
 is not rescaled). W4A4 runs `w4a4_gemv` for M <= 16 (both kernels are timed there) and
 `w4a4_gemm` above. torch._int_mm needs M > 16, so its M <= 16 rows run 32 padded rows.
+The dense kernels of `tir_kernels.dense_gemm` (the baselines' fp16 and W8A8 GEMMs) run on the
+same fp16 / int8 operands as cuBLAS, the int8 one with its per-token and per-channel scales
+applied (cuBLAS int8 returns raw int32). ``--probe`` also times the tilings of
+`dense_gemm.PROBE_CONFIGS` on the first shape at M = 1024 and 4096.
 """
 
 from __future__ import annotations
@@ -45,11 +49,12 @@ def main() -> None:
     parser.add_argument("--png", type=Path, help="draw the TOPS plot here")
     parser.add_argument("--plot", type=Path, help="only draw --png from this earlier --json")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--probe", action="store_true", help="also time the dense tilings of PROBE_CONFIGS")
     args = parser.parse_args()
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.png)
         return
-    result = measure(args.iters)
+    result = measure(args.iters, args.probe)
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -58,23 +63,35 @@ def main() -> None:
         plot(result, args.png)
 
 
-def measure(iters: int) -> dict:
+def measure(iters: int, probe: bool = False) -> dict:
     import torch
     import tvm
 
+    from tir_kernels.dense_gemm import PROBE_CONFIGS, DenseSpec, build_dense_kernel
     from tir_kernels.gemm_common import KernelSpec, build_kernels
 
     specs = {(label, kind): KernelSpec(kind, ARCHS, N, K, G, O, False)
              for label, N, K in SHAPES for kind in ("gemm", "gemv")}
+    configs = list(PROBE_CONFIGS) if probe else ["sm80"]
+    dense = {(label, op, config): DenseSpec(op, ARCHS, N, K, False, config)
+             for i, (label, N, K) in enumerate(SHAPES) for op in ("fp16", "int8")
+             for config in (configs if i == 0 else ["sm80"])}
     with tempfile.TemporaryDirectory() as tmp:
         libs = build_kernels(specs.values(), tmp)
         funcs = {key: tvm.runtime.load_module(libs[spec])[spec.function_name()] for key, spec in specs.items()}
+        dense_libs = build_kernels(dense.values(), tmp, build=build_dense_kernel)
+        dense_funcs = {key: tvm.runtime.load_module(dense_libs[spec])[spec.function_name()]
+                       for key, spec in dense.items()}
+    probes = []
 
     rows = []
     for label, N, K in SHAPES:
         weights = _rotating(lambda: _w4a4_weight(torch, N, K), ROTATE_BYTES)
         fp16_w = _rotating(lambda: torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02, ROTATE_BYTES)
         int8_w = _rotating(lambda: torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8), ROTATE_BYTES)
+        sw = torch.rand(N, 1, device="cuda", dtype=torch.float16) * 0.001
+        tvm_fp16_w = [tvm.runtime.from_dlpack(t) for t in fp16_w]
+        tvm_int8_w = [tvm.runtime.from_dlpack(t) for t in int8_w]
         for M in ROWS:
             act = _w4a4_activation(torch, M, K)
             y = torch.empty(M, N, device="cuda", dtype=torch.float16)
@@ -97,6 +114,26 @@ def measure(iters: int) -> dict:
             row["int8_us"] = gpu_time(torch, lambda i: torch._int_mm(x8, int8_w[i % len(int8_w)].T), iters)
             row["int8_rows"] = max(M, 32)
             ops = 2 * M * N * K
+            sx = torch.rand(M, 1, device="cuda", dtype=torch.float16) * 0.01
+            dense_args = {"fp16": (tvm.runtime.from_dlpack(x16[:M]), tvm_fp16_w),
+                          "int8": (tvm.runtime.from_dlpack(x8[:M].contiguous()), tvm_int8_w)}
+            scales = [tvm.runtime.from_dlpack(t) for t in (sx, sw)]
+            for (shape, op, config), func in dense_funcs.items():
+                if shape != label or (config != "sm80" and M not in (1024, 4096)):
+                    continue
+                x, ws = dense_args[op]
+                if op == "fp16":
+                    call = lambda i: func(x, ws[i % len(ws)], tvm_y)  # noqa: E731
+                else:
+                    call = lambda i: func(x, scales[0], ws[i % len(ws)], scales[1], tvm_y)  # noqa: E731
+                us = gpu_time(torch, call, iters)
+                if config == "sm80":
+                    row[f"tvm_{op}_us"] = us
+                    row[f"tvm_{op}_tops"] = ops / us / 1e6
+                    row[f"tvm_{op}_vs_cublas"] = row[f"{op}_us"] / us
+                else:
+                    probes.append({"config": config, "op": op, "shape": label, "M": M, "us": us,
+                                   "tops": ops / us / 1e6})
             for name in ("w4a4", "fp16", "int8"):
                 row[f"{name}_tops"] = ops / row[f"{name}_us"] / 1e6
             row["vs_fp16"] = row["fp16_us"] / row["w4a4_us"]
@@ -107,7 +144,7 @@ def measure(iters: int) -> dict:
             print(f"{label:18s} M={M:5d} w4a4 {row['w4a4_us']:9.2f} us  fp16 {row['fp16_us']:9.2f} us"
                   f"  int8 {row['int8_us']:9.2f} us", flush=True)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": COPY_GBPS,
-            "G": G, "O": O, "rows": rows}
+            "G": G, "O": O, "rows": rows, "probes": probes}
 
 
 def w4a4_weight_bytes(N: int, K: int) -> int:
@@ -176,6 +213,15 @@ def print_table(result: dict) -> None:
         print(f"| {r['shape']} | {r['M']} | {r['w4a4_us']:.1f} | {r['fp16_us']:.1f} | {r['int8_us']:.1f} "
               f"| {r['w4a4_tops']:.0f} | {r['fp16_tops']:.0f} | {r['int8_tops']:.0f} "
               f"| {r['vs_fp16']:.2f}x | {r['vs_int8']:.2f}x | {r['weight_gbps']:.0f} | {r['of_copy']:.0%} |")
+    print("\nDense baselines (tir_kernels.dense_gemm, sm80 tiling) against cuBLAS")
+    print("| shape | M | TVM fp16 us | TVM fp16 TFLOPS | of cuBLAS fp16 | TVM int8 us | TVM int8 TOPS | of cuBLAS int8 |")
+    print("|" + "---|" * 8)
+    for r in result["rows"]:
+        print(f"| {r['shape']} | {r['M']} | {r['tvm_fp16_us']:.1f} | {r['tvm_fp16_tops']:.0f} "
+              f"| {r['tvm_fp16_vs_cublas']:.0%} | {r['tvm_int8_us']:.1f} | {r['tvm_int8_tops']:.0f} "
+              f"| {r['tvm_int8_vs_cublas']:.0%} |")
+    for p in result.get("probes", []):
+        print(f"probe {p['config']:8s} {p['op']} {p['shape']} M={p['M']}: {p['us']:.1f} us, {p['tops']:.0f} TOPS")
 
 
 def plot(result: dict, png: Path) -> None:
@@ -189,8 +235,11 @@ def plot(result: dict, png: Path) -> None:
     for ax, shape in zip(np.atleast_1d(axes), shapes):
         rows = [r for r in result["rows"] if r["shape"] == shape]
         ms = [r["M"] for r in rows]
-        for key, label in (("w4a4", "W4A4 (TVM, mma.sync s8)"), ("fp16", "cuBLAS fp16"), ("int8", "cuBLAS int8")):
-            ax.plot(ms, [r[f"{key}_tops"] for r in rows], marker="o", label=label)
+        for key, label, style in (("w4a4", "W4A4 (TVM, mma.sync s8)", "-"), ("fp16", "cuBLAS fp16", "-"),
+                                  ("int8", "cuBLAS int8", "-"), ("tvm_fp16", "fp16 (TVM, mma.sync)", "--"),
+                                  ("tvm_int8", "W8A8 int8 (TVM, mma.sync)", "--")):
+            if f"{key}_tops" in rows[0]:
+                ax.plot(ms, [r[f"{key}_tops"] for r in rows], style, marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{shape} (N={rows[0]['N']}, K={rows[0]['K']})")
