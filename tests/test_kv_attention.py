@@ -1,4 +1,4 @@
-"""Quantized paged KV cache kernels (CPU builds) against the float64 "append then attend" reference.
+"""Quantized paged KV cache kernels (CPU builds; the cuda append and decode on a GPU) against the float64 "append then attend" reference.
 
 Every case appends a prefix, then the new tokens, into shuffled (non-contiguous) pages whose
 unused slots hold garbage, and checks:
@@ -17,11 +17,13 @@ unused slots hold garbage, and checks:
 from __future__ import annotations
 
 import functools
+import shutil
 
 import numpy as np
 import pytest
 import tvm
 
+from atom_tvm import cuda_build
 from atom_tvm.errors import UserError
 from tir_kernels import kv_attention as kva
 from tir_kernels.quantize import build
@@ -59,11 +61,18 @@ def _assert_rope_close(x, positions, want):
     assert err.max() <= 1, f"rope_ref differs from TVM's RoPE by {err.max()} of the tolerance"
 
 
+def _gpu_arch() -> str:
+    major, minor = tvm.cuda(0).compute_version.split(".")
+    arch = f"sm_{major}{minor}"
+    return "sm_90a" if arch == "sm_90" else arch
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, kv_bits: int, hq: int, hkv: int, dim: int):
+def _kernel(kind: str, kv_bits: int, hq: int, hkv: int, dim: int, variant: str = "cpu"):
     extra = (THETA,) if kind == "append" else ()
-    func = getattr(kva, kind)(kv_bits, hq, hkv, dim, *extra)
-    return build(func, "cpu")[func.attrs["global_symbol"]]
+    func = getattr(kva, kind)(kv_bits, hq, hkv, dim, *extra, variant=variant)
+    archs = (_gpu_arch(),) if variant == "cuda" else ()
+    return build(func, variant, archs)[func.attrs["global_symbol"]]
 
 
 def _page_table(rng, lengths):
@@ -96,15 +105,15 @@ def _garbage_pages(rng, num_pages, hkv, dim, kv_bits):
     return tuple(pages)
 
 
-def _run(kv_bits, heads, prefix, new, seed, decode=False):
+def _run(kv_bits, heads, prefix, new, seed, decode=False, variant="cpu"):
     hq, hkv, dim = heads
     rng = np.random.default_rng(seed)
     lengths = [a + b for a, b in zip(prefix, new)]
     num_pages, indptr, indices, last = _page_table(rng, lengths)
     ref_pages = _garbage_pages(rng, num_pages, hkv, dim, kv_bits)
-    dev = tvm.cpu()
+    dev = tvm.cuda(0) if variant == "cuda" else tvm.cpu()
     pages = [tvm.runtime.tensor(p, dev) for p in ref_pages]
-    append = _kernel("append", kv_bits, hq, hkv, dim)
+    append = _kernel("append", kv_bits, hq, hkv, dim, variant)
     q_rot = None
     written = []
     for start, stop in ((np.zeros_like(prefix), prefix), (prefix, lengths)):
@@ -118,6 +127,10 @@ def _run(kv_bits, heads, prefix, new, seed, decode=False):
         q_tvm, k_tvm, v = _tvm_rope(hq, hkv, dim)(qkv, pos)
         _assert_rope_close(qkv[:, :hq], pos, q_tvm)
         _assert_rope_close(qkv[:, hq:hq + hkv], pos, k_tvm)
+        if variant == "cuda":
+            # The cuda append rotates with correctly rounded pow/cos/sin (see its docstring).
+            q_tvm = kva.rope_ref(qkv[:, :hq], pos, THETA)
+            k_tvm = kva.rope_ref(qkv[:, hq:hq + hkv], pos, THETA)
         ref_pages = kva.write_pages_ref(ref_pages, slots, k_tvm, v, kv_bits)
         q_rot = tvm.runtime.tensor(np.zeros((len(pos), hq, dim), np.float16), dev)
         append(*[tvm.runtime.tensor(a, dev) for a in (qkv, pos, slots)], q_rot, *pages)
@@ -131,7 +144,7 @@ def _run(kv_bits, heads, prefix, new, seed, decode=False):
     table = [tvm.runtime.tensor(a, dev) for a in (indptr, indices, last)]
     out = tvm.runtime.tensor(np.zeros_like(q), dev)
     if decode:
-        _kernel("decode", kv_bits, hq, hkv, dim)(q_rot, *pages, *table, out)
+        _kernel("decode", kv_bits, hq, hkv, dim, variant)(q_rot, *pages, *table, out)
     else:
         _kernel("prefill", kv_bits, hq, hkv, dim)(
             q_rot, tvm.runtime.tensor(qo_indptr, dev), *pages, *table, out)
@@ -144,14 +157,16 @@ def _run(kv_bits, heads, prefix, new, seed, decode=False):
     assert (err <= tol).all(), f"max error {err.max():.3g}, worst error/tolerance {(err / tol).max():.3g}"
 
 
+@pytest.mark.parametrize("variant", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kv_bits", kva.KV_BITS)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv_d{h[2]}")
-def test_decode(kv_bits, heads):
+def test_append_and_decode(kv_bits, heads, variant):
     lengths = [1, P - 1, P, P + 1, 2 * P, 2 * P + 1, 300, 1000]
     if heads == HEADS[0]:
         lengths.append(4000)
     prefix = np.array(lengths) - 1
-    _run(kv_bits, heads, prefix, np.ones_like(prefix), seed=kv_bits * 7 + heads[0], decode=True)
+    _run(kv_bits, heads, prefix, np.ones_like(prefix), seed=kv_bits * 7 + heads[0], decode=True,
+         variant=variant)
 
 
 @pytest.mark.parametrize("kv_bits", kva.KV_BITS)
@@ -166,6 +181,23 @@ def test_prefill(kv_bits, heads):
         cases.append((3990, 10))
     prefix, new = (np.array(c) for c in zip(*cases))
     _run(kv_bits, heads, prefix, new, seed=kv_bits * 11 + heads[0])
+
+
+def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
+    """Every cuda append and decode of the test shapes in one module, SASS for both archs."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed (CUDA toolkit needed to build --target cuda)")
+    funcs = [getattr(kva, kind)(bits, *heads, *((THETA,) if kind == "append" else ()), variant="cuda")
+             for kind in ("append", "decode") for bits in kva.KV_BITS for heads in HEADS]
+    exe = build(tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs}), "cuda", ("sm_80", "sm_90a"))
+    lib = tmp_path / "kv_attention.so"
+    exe.export_library(str(lib))
+    data = lib.read_bytes()
+    for f in funcs:
+        assert f"{f.attrs['global_symbol']}_kernel".encode() in data
+    if cuda_build.find_cuobjdump() is not None:
+        codes = cuda_build.list_cuda_codes(lib)
+        assert codes["sass"] == ["sm_80", "sm_90a"] and codes["ptx"] == ["sm_80"]
 
 
 def test_page_shapes():

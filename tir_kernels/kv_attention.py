@@ -61,7 +61,22 @@ Variants
 (sequence, KV head, split), the sequence's pages cut into `DECODE_SPLITS` contiguous ranges
 whose partial (max, sum, accumulator) a second parallel loop merges, so a batch of one long
 sequence still fills the cores. `prefill`: one task per (new token, KV head), which walks the
-pages up to its causal limit. No ``cuda`` variant yet.
+pages up to its causal limit.
+
+``cuda`` (hand-written TIR with explicit threads; `prefill` has none yet and refuses it):
+`decode`: one block per (sequence, KV head, split) over `CUDA_DECODE_SPLITS` page ranges, so a
+page of K/V is read once for all G query heads of its group. A thread owns one 16-byte chunk
+(32 / 16 / 8 elements at 4 / 8 / 16 bits) of one token row for one query head; the C chunk
+lanes of a row reduce the score by XOR shuffles, and the block's Z token slots (whole warps,
+about 128 threads) each keep an online softmax over every Z-th token, dequantized in registers
+(per-token rescaling instead of the per-page one above: the same math in another float32
+order). The slots merge through shared memory, the splits in a second small kernel; ``/`` is
+``__fdiv_rn`` and ``exp`` nvcc's fast ``__expf`` (a few ulp), well inside the tolerance.
+`append`: one block per token, one warp per row; codes, scales and zeros follow the cpu rule
+bit for bit (``__frcp_rn`` for the reciprocal), but RoPE takes pow/cos/sin in float64 (see
+`_append_cuda_body`), so its rotated q and K are `rope_ref`'s values, which differ from the
+cpu variant's libm RoPE by one float16 ulp on a few values per million (and the K codes of
+those rows may then differ); tested bit-exact against `rope_ref` and `write_pages_ref`.
 """
 
 from __future__ import annotations
@@ -81,6 +96,7 @@ __all__ = [
     "HEAD_DIMS",
     "PAGE_SIZE",
     "DECODE_SPLITS",
+    "CUDA_DECODE_SPLITS",
     "page_shapes",
     "rope_ref",
     "write_pages_ref",
@@ -92,7 +108,7 @@ __all__ = [
     "prefill",
 ]
 
-VARIANTS = ("cpu",)
+VARIANTS = ("cpu", "cuda")
 KV_BITS = (4, 8, 16)
 HEAD_DIMS = (64, 128)
 PAGE_SIZE = 16
@@ -103,6 +119,15 @@ DECODE_SPLITS = 4
 _ROUND_MAGIC = 1.5 * 2**23
 #: The running max before any score: finite, so that e^(m - m') is 0 and never NaN.
 _NEG_BIG = -3.0e38
+#: Page ranges per (sequence, KV head) of the cuda decode kernel: B * H_kv * 16 blocks keep an
+#: H100's 132 SMs busy from a batch of one sequence on 8 KV heads.
+CUDA_DECODE_SPLITS = 16
+#: Threads a cuda decode block aims at (whole warps; see `_decode_cuda_layout`).
+_DECODE_THREADS = 128
+#: Warps of a cuda append block (one token); each warp takes every 4th row of q, K and V.
+_APPEND_WARPS = 4
+_WARP = 32
+_FULL_MASK = 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,50 +302,53 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
     inv_qmax = float(np.float32(1 / qmax))
     theta = float(np.float32(rope_theta))
 
-    @T.macro
-    def store_row(row, codes, scale_zero, page, which, head, off):
-        if kv_bits == 16:
-            for d in range(D):
-                codes[page, which, head, off, d] = T.Cast("float16", row[d])
-        else:
-            lo: T.float32 = row[0]
-            hi: T.float32 = row[0]
-            for d in range(1, D):
-                lo = T.min(lo, row[d])
-                hi = T.max(hi, row[d])
-            zero = T.Cast("float16", lo)
-            scale = T.Cast("float16", T.max(hi - T.Cast("float32", zero), T.float32(0))
-                           * T.float32(inv_qmax))
-            recip = T.Select(scale == T.float16(0), T.float32(0),
-                             T.float32(1) / T.Cast("float32", scale))
-            scale_zero[page, which, head, off, 0] = scale
-            scale_zero[page, which, head, off, 1] = zero
-            if kv_bits == 8:
+    if variant == "cuda":
+        body = _append_cuda_body(kv_bits, HQ, HKV, D, theta, P)
+    else:
+        @T.macro
+        def store_row(row, codes, scale_zero, page, which, head, off):
+            if kv_bits == 16:
                 for d in range(D):
-                    codes[page, which, head, off, d] = T.Cast("uint8", _code(row[d], zero, recip, qmax))
+                    codes[page, which, head, off, d] = T.Cast("float16", row[d])
             else:
-                for j in range(D // 2):
-                    codes[page, which, head, off, j] = T.Cast("uint8", T.bitwise_or(
-                        _code(row[2 * j], zero, recip, qmax),
-                        T.shift_left(_code(row[2 * j + 1], zero, recip, qmax), 4)))
+                lo: T.float32 = row[0]
+                hi: T.float32 = row[0]
+                for d in range(1, D):
+                    lo = T.min(lo, row[d])
+                    hi = T.max(hi, row[d])
+                zero = T.Cast("float16", lo)
+                scale = T.Cast("float16", T.max(hi - T.Cast("float32", zero), T.float32(0))
+                               * T.float32(inv_qmax))
+                recip = T.Select(scale == T.float16(0), T.float32(0),
+                                 T.float32(1) / T.Cast("float32", scale))
+                scale_zero[page, which, head, off, 0] = scale
+                scale_zero[page, which, head, off, 1] = zero
+                if kv_bits == 8:
+                    for d in range(D):
+                        codes[page, which, head, off, d] = T.Cast("uint8", _code(row[d], zero, recip, qmax))
+                else:
+                    for j in range(D // 2):
+                        codes[page, which, head, off, j] = T.Cast("uint8", T.bitwise_or(
+                            _code(row[2 * j], zero, recip, qmax),
+                            T.shift_left(_code(row[2 * j + 1], zero, recip, qmax), 4)))
 
-    @T.macro
-    def body(QKV, Pos, Slots, QRot, codes, scale_zero, n):
-        for s in T.parallel(n):
-            row = T.decl_buffer((D,), "float32")
-            page = Slots[s] // P
-            off = Slots[s] % P
-            for h, d in T.grid(HQ, D):
-                QRot[s, h, d] = T.Cast("float16", _rope(QKV, s, h, d, Pos[s], D, theta))
-            for h in range(HKV):
-                # K is rounded to float16 first: the value an FP16 cache would hold.
-                for d in range(D):
-                    row[d] = T.Cast("float32", T.Cast(
-                        "float16", _rope(QKV, s, HQ + h, d, Pos[s], D, theta)))
-                store_row(row, codes, scale_zero, page, 0, h, off)
-                for d in range(D):
-                    row[d] = T.Cast("float32", QKV[s, HQ + HKV + h, d])
-                store_row(row, codes, scale_zero, page, 1, h, off)
+        @T.macro
+        def body(QKV, Pos, Slots, QRot, codes, scale_zero, n):
+            for s in T.parallel(n):
+                row = T.decl_buffer((D,), "float32")
+                page = Slots[s] // P
+                off = Slots[s] % P
+                for h, d in T.grid(HQ, D):
+                    QRot[s, h, d] = T.Cast("float16", _rope(QKV, s, h, d, Pos[s], D, theta))
+                for h in range(HKV):
+                    # K is rounded to float16 first: the value an FP16 cache would hold.
+                    for d in range(D):
+                        row[d] = T.Cast("float32", T.Cast(
+                            "float16", _rope(QKV, s, HQ + h, d, Pos[s], D, theta)))
+                    store_row(row, codes, scale_zero, page, 0, h, off)
+                    for d in range(D):
+                        row[d] = T.Cast("float32", QKV[s, HQ + HKV + h, d])
+                    store_row(row, codes, scale_zero, page, 1, h, off)
 
     width = D * kv_bits // 8
     if kv_bits == 16:
@@ -421,44 +449,47 @@ def decode(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     _check_variant(variant)
     HQ, HKV, D, P, S = num_q_heads, num_kv_heads, head_dim, page_size, DECODE_SPLITS
     G = HQ // HKV
-    attend = _attend_macro(kv_bits, HQ, HKV, D, P)
+    if variant == "cuda":
+        body = _decode_cuda_body(kv_bits, HQ, HKV, D, P)
+    else:
+        attend = _attend_macro(kv_bits, HQ, HKV, D, P)
 
-    @T.macro
-    def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
-        # Per (sequence, query head, split): the split's max and sum, then its accumulator.
-        part_ml = T.decl_buffer((B, HQ, S, 2), "float32")
-        part_acc = T.decl_buffer((B, HQ, S, D), "float32")
-        for task in T.parallel(B * HKV * S):
-            b = task // (HKV * S)
-            hk = task // S % HKV
-            split = task % S
-            num = Indptr[b + 1] - Indptr[b]
-            per = (num + S - 1) // S
-            m = T.decl_buffer((G,), "float32")
-            l = T.decl_buffer((G,), "float32")
-            acc = T.decl_buffer((G, D), "float32")
-            attend(Q, b, hk, codes, scale_zero, Indptr, Indices, b, split * per,
-                   T.min(num, (split + 1) * per), (num - 1) * P + LastLen[b], m, l, acc)
-            for g in range(G):
-                part_ml[b, hk * G + g, split, 0] = m[g]
-                part_ml[b, hk * G + g, split, 1] = l[g]
-                for d in range(D):
-                    part_acc[b, hk * G + g, split, d] = acc[g, d]
-        for task in T.parallel(B * HQ):
-            b = task // HQ
-            h = task % HQ
-            m_all: T.float32 = part_ml[b, h, 0, 0]
-            for split in range(1, S):
-                m_all = T.max(m_all, part_ml[b, h, split, 0])
-            # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - m_all) is 0.
-            l_all: T.float32 = T.float32(0)
-            for split in range(S):
-                l_all = l_all + part_ml[b, h, split, 1] * T.exp(part_ml[b, h, split, 0] - m_all)
-            for d in range(D):
-                o: T.float32 = T.float32(0)
+        @T.macro
+        def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
+            # Per (sequence, query head, split): the split's max and sum, then its accumulator.
+            part_ml = T.decl_buffer((B, HQ, S, 2), "float32")
+            part_acc = T.decl_buffer((B, HQ, S, D), "float32")
+            for task in T.parallel(B * HKV * S):
+                b = task // (HKV * S)
+                hk = task // S % HKV
+                split = task % S
+                num = Indptr[b + 1] - Indptr[b]
+                per = (num + S - 1) // S
+                m = T.decl_buffer((G,), "float32")
+                l = T.decl_buffer((G,), "float32")
+                acc = T.decl_buffer((G, D), "float32")
+                attend(Q, b, hk, codes, scale_zero, Indptr, Indices, b, split * per,
+                       T.min(num, (split + 1) * per), (num - 1) * P + LastLen[b], m, l, acc)
+                for g in range(G):
+                    part_ml[b, hk * G + g, split, 0] = m[g]
+                    part_ml[b, hk * G + g, split, 1] = l[g]
+                    for d in range(D):
+                        part_acc[b, hk * G + g, split, d] = acc[g, d]
+            for task in T.parallel(B * HQ):
+                b = task // HQ
+                h = task % HQ
+                m_all: T.float32 = part_ml[b, h, 0, 0]
+                for split in range(1, S):
+                    m_all = T.max(m_all, part_ml[b, h, split, 0])
+                # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - m_all) is 0.
+                l_all: T.float32 = T.float32(0)
                 for split in range(S):
-                    o = o + part_acc[b, h, split, d] * T.exp(part_ml[b, h, split, 0] - m_all)
-                Out[b, h, d] = T.Cast("float16", o / l_all)
+                    l_all = l_all + part_ml[b, h, split, 1] * T.exp(part_ml[b, h, split, 0] - m_all)
+                for d in range(D):
+                    o: T.float32 = T.float32(0)
+                    for split in range(S):
+                        o = o + part_acc[b, h, split, d] * T.exp(part_ml[b, h, split, 0] - m_all)
+                    Out[b, h, d] = T.Cast("float16", o / l_all)
 
     width = D * kv_bits // 8
     if kv_bits == 16:
@@ -507,6 +538,8 @@ def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     ``last_page_len`` (the pages already hold the n new tokens), ``out float16 [n, H_q, D]``."""
     _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
     _check_variant(variant)
+    if variant == "cuda":
+        raise UserError("prefill has no cuda variant yet; use variant='cpu'")
     HQ, HKV, D, P = num_q_heads, num_kv_heads, head_dim, page_size
     G = HQ // HKV
     attend = _attend_macro(kv_bits, HQ, HKV, D, P)
@@ -575,6 +608,263 @@ def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     name = f"kv_prefill_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
     return func.with_attr("global_symbol", name)
 
+
+# ---------------------------------------------------------------------------------------------
+# cuda: explicit threads (see the Variants section of the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shuffle_xor(value, lane_mask):
+    return T.tvm_warp_shuffle_xor(T.uint32(_FULL_MASK), value, lane_mask, _WARP, _WARP)
+
+
+def _fdiv(a, b):
+    """IEEE a / b: TVM compiles with nvcc's --use_fast_math, which makes ``/`` approximate."""
+    return T.call_pure_extern("float32", "__fdiv_rn", a, b)
+
+
+def _chunk_value(kv_bits: int, words, e: int):
+    """float32 code (or float16 value) of element e of a 16-byte chunk held as 4 uint32 words;
+    4-bit codes sit low nibble first, so element e is bits 4e.. of the little-endian words."""
+    per_word = 32 // kv_bits
+    field = T.shift_right(words[e // per_word], T.uint32(kv_bits * (e % per_word)))
+    if kv_bits == 16:
+        return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.bitwise_and(
+            field, T.uint32(0xFFFF)))))
+    return T.Cast("float32", T.bitwise_and(field, T.uint32((1 << kv_bits) - 1)))
+
+
+def _dequant(kv_bits: int, words, sz, e: int):
+    """float32 value of element e of a chunk: ``code * scale + zero`` with (scale, zero) the
+    two float16 halves of the 32-bit word ``sz[0]``."""
+    value = _chunk_value(kv_bits, words, e)
+    if kv_bits == 16:
+        return value
+    scale = T.reinterpret("float16", T.Cast("uint16", T.bitwise_and(sz[0], T.uint32(0xFFFF))))
+    zero = T.reinterpret("float16", T.Cast("uint16", T.shift_right(sz[0], T.uint32(16))))
+    return value * T.Cast("float32", scale) + T.Cast("float32", zero)
+
+
+def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, P: int):
+    """The cuda variant of `append`: one block per token, one warp per row of q, K or V.
+
+    Lane ``i`` holds elements ``i*E .. i*E+E-1`` (E = D / 32), so RoPE's partner element
+    ``d -+ D/2`` is in lane ``i ^ 16`` and a row's min and max are 5-step shuffle reductions.
+    ``pow``, ``cos`` and ``sin`` are taken in float64 and rounded to float32, the other steps
+    with the round-to-nearest intrinsics, because nvcc's --use_fast_math (which TVM passes)
+    turns float32 ``cosf``/``sinf``/``powf`` into approximations off by ~1e-4 at large
+    positions; so the rotated q and K are `rope_ref`'s correctly rounded values.
+    """
+    E, warps, rows, half = D // _WARP, _APPEND_WARPS, HQ + 2 * HKV, D // 2
+    qmax = (1 << kv_bits) - 1
+    inv_qmax = float(np.float32(1 / qmax))
+
+    @T.macro
+    def body(QKV, Pos, Slots, QRot, codes, scale_zero, n):
+        with T.launch_thread("blockIdx.x", n) as s:
+            tx = T.launch_thread("threadIdx.x", warps * _WARP)
+            lane = tx % _WARP
+            cs = T.alloc_shared((half,), "float32")
+            sn = T.alloc_shared((half,), "float32")
+            xv = T.alloc_local((E,), "float16")
+            y = T.alloc_local((E,), "float32")
+            page = Slots[s] // P
+            off = Slots[s] % P
+            if tx < half:
+                denom = T.Cast("float32", T.pow(T.float64(theta), T.Cast("float64", tx * 2)
+                                                / T.float64(D)))
+                freq = T.Cast("float64", _fdiv(T.Cast("float32", Pos[s]), denom))
+                cs[tx] = T.Cast("float32", T.cos(freq))
+                sn[tx] = T.Cast("float32", T.sin(freq))
+            T.tvm_storage_sync("shared")
+            # Warp-uniform row loop: every lane of a warp reaches every shuffle.
+            for ri in range((rows + warps - 1) // warps):
+                r = ri * warps + tx // _WARP
+                if r < rows:
+                    for e in T.vectorized(E):
+                        xv[e] = QKV[s, r, lane * E + e]
+                    for e in T.unroll(E):
+                        y[e] = T.Cast("float32", xv[e])
+                    if r < HQ + HKV:
+                        for e in T.unroll(E):
+                            partner = _shuffle_xor(y[e], 16)
+                            rot = T.Select(lane < 16, -partner, partner)
+                            i = (lane * E + e) % half
+                            y[e] = T.call_pure_extern("float32", "__fadd_rn", T.call_pure_extern(
+                                "float32", "__fmul_rn", cs[i], y[e]), T.call_pure_extern(
+                                "float32", "__fmul_rn", sn[i], rot))
+                    if r < HQ:
+                        for e in T.unroll(E):
+                            QRot[s, r, lane * E + e] = T.Cast("float16", y[e])
+                    else:
+                        which = T.if_then_else(r < HQ + HKV, 0, 1)
+                        hk = T.if_then_else(r < HQ + HKV, r - HQ, r - HQ - HKV)
+                        # K is rounded to float16 first: the value an FP16 cache would hold
+                        # (V already is a float16 value, which the rounding keeps).
+                        for e in T.unroll(E):
+                            y[e] = T.Cast("float32", T.Cast("float16", y[e]))
+                        if kv_bits == 16:
+                            for e in T.unroll(E):
+                                codes[page, which, hk, off, lane * E + e] = T.Cast("float16", y[e])
+                        else:
+                            lo: T.float32 = y[0]
+                            hi: T.float32 = y[0]
+                            for e in T.unroll(1, E):
+                                lo = T.min(lo, y[e])
+                                hi = T.max(hi, y[e])
+                            for k in T.unroll(5):
+                                lo = T.min(lo, _shuffle_xor(lo, 16 >> k))
+                                hi = T.max(hi, _shuffle_xor(hi, 16 >> k))
+                            zero = T.Cast("float16", lo)
+                            scale = T.Cast("float16", T.max(hi - T.Cast("float32", zero),
+                                                            T.float32(0)) * T.float32(inv_qmax))
+                            recip = T.Select(scale == T.float16(0), T.float32(0), T.call_pure_extern(
+                                "float32", "__frcp_rn", T.Cast("float32", scale)))
+                            if lane == 0:
+                                scale_zero[page, which, hk, off, 0] = scale
+                                scale_zero[page, which, hk, off, 1] = zero
+                            if kv_bits == 8:
+                                for e in T.unroll(E):
+                                    codes[page, which, hk, off, lane * E + e] = T.Cast(
+                                        "uint8", _code(y[e], zero, recip, qmax))
+                            else:
+                                for j in T.unroll(E // 2):
+                                    codes[page, which, hk, off, lane * E // 2 + j] = T.Cast(
+                                        "uint8", T.bitwise_or(
+                                            _code(y[2 * j], zero, recip, qmax),
+                                            T.shift_left(_code(y[2 * j + 1], zero, recip, qmax), 4)))
+
+    return body
+
+
+def _decode_cuda_layout(kv_bits: int, G: int, D: int) -> tuple[int, int, int]:
+    """(E, C, Z): elements per 16-byte chunk, lanes per token row, token slots per block."""
+    E = 128 // kv_bits
+    C = D // E
+    row_threads = G * C
+    # Whole warps only (the full-mask shuffles need all 32 lanes), about _DECODE_THREADS threads.
+    Z = _WARP // math.gcd(_WARP, row_threads)
+    Z *= max(1, _DECODE_THREADS // (row_threads * Z))
+    if row_threads * Z > 1024:
+        raise UserError(f"a GQA group of {G} query heads is too large for the cuda decode kernel")
+    return E, C, Z
+
+
+def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
+    """The cuda variant's body macro, arguments as the cpu body's."""
+    G, S = HQ // HKV, CUDA_DECODE_SPLITS
+    E, C, Z = _decode_cuda_layout(kv_bits, G, D)
+    threads = G * C * Z
+    words = D * kv_bits // 32  # uint32 words of a K or V row
+    sm_scale = float(np.float32(1 / math.sqrt(D)))
+
+    @T.macro
+    def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
+        # 32-bit views of the pages: a chunk is 4 words, a row's (scale, zero) is one word.
+        KVW = T.decl_buffer((codes.shape[0], 2, HKV, P, words), "uint32", data=codes.data)
+        if kv_bits != 16:
+            SZW = T.decl_buffer((codes.shape[0], 2, HKV, P), "uint32", data=scale_zero.data)
+        part_ml = T.decl_buffer((B, HQ, S, 2), "float32")
+        part_acc = T.decl_buffer((B, HQ, S, D), "float32")
+        with T.launch_thread("blockIdx.x", B * HKV * S) as task:
+            tx = T.launch_thread("threadIdx.x", threads)
+            b = task // (HKV * S)
+            hk = task // S % HKV
+            split = task % S
+            z = tx // (G * C)
+            g = tx // C % G
+            x = tx % C
+            ms = T.alloc_shared((Z * G,), "float32")
+            ls = T.alloc_shared((Z * G,), "float32")
+            accs = T.alloc_shared((Z * G, D), "float32")
+            num = Indptr[b + 1] - Indptr[b]
+            per = (num + S - 1) // S
+            j0 = split * per * P
+            j1 = T.min(T.min(num, (split + 1) * per) * P, (num - 1) * P + LastLen[b])
+            qr = T.alloc_local((E,), "float32")
+            acc = T.alloc_local((E,), "float32")
+            kw = T.alloc_local((4,), "uint32")
+            vw = T.alloc_local((4,), "uint32")
+            ksz = T.alloc_local((1,), "uint32")
+            vsz = T.alloc_local((1,), "uint32")
+            for e in T.unroll(E):
+                qr[e] = T.Cast("float32", Q[b, hk * G + g, x * E + e])
+                acc[e] = T.float32(0)
+            m: T.float32 = T.float32(_NEG_BIG)
+            l: T.float32 = T.float32(0)
+            # Slot z takes tokens j0 + z, j0 + z + Z, ...; the trip count is the same for the
+            # whole block, so that every lane reaches every shuffle.
+            for it in range(T.max(j1 - j0 + Z - 1, 0) // Z):
+                j = j0 + it * Z + z
+                for w in T.unroll(4):
+                    kw[w] = T.uint32(0)
+                    vw[w] = T.uint32(0)
+                ksz[0] = T.uint32(0)
+                vsz[0] = T.uint32(0)
+                if j < j1:
+                    page = Indices[Indptr[b] + j // P]
+                    # 16-byte loads; the G query heads' lanes of a row load the same bytes,
+                    # which the memory system merges into one transaction.
+                    for w in T.vectorized(4):
+                        kw[w] = KVW[page, 0, hk, j % P, x * 4 + w]
+                    for w in T.vectorized(4):
+                        vw[w] = KVW[page, 1, hk, j % P, x * 4 + w]
+                    if kv_bits != 16:
+                        ksz[0] = SZW[page, 0, hk, j % P]
+                        vsz[0] = SZW[page, 1, hk, j % P]
+                dot: T.float32 = T.float32(0)
+                for e in T.unroll(E):
+                    dot = dot + qr[e] * _dequant(kv_bits, kw, ksz, e)
+                for s in T.unroll(int(math.log2(C))):
+                    dot = dot + _shuffle_xor(dot, C >> (s + 1))
+                if j < j1:
+                    score: T.float32 = dot * T.float32(sm_scale)
+                    m_new: T.float32 = T.max(m, score)
+                    correction: T.float32 = T.exp(m - m_new)
+                    p: T.float32 = T.exp(score - m_new)
+                    l = l * correction + p
+                    for e in T.unroll(E):
+                        acc[e] = acc[e] * correction + p * _dequant(kv_bits, vw, vsz, e)
+                    m = m_new
+            # The Z slots' states merge through shared memory into the split's partial state.
+            if x == 0:
+                ms[z * G + g] = m
+                ls[z * G + g] = l
+            for e in T.unroll(E):
+                accs[z * G + g, x * E + e] = acc[e]
+            T.tvm_storage_sync("shared")
+            for i in range((G * D + threads - 1) // threads):
+                if tx + i * threads < G * D:
+                    gg = (tx + i * threads) // D
+                    d = (tx + i * threads) % D
+                    m_all: T.float32 = ms[gg]
+                    for zz in range(1, Z):
+                        m_all = T.max(m_all, ms[zz * G + gg])
+                    l_all: T.float32 = T.float32(0)
+                    a_all: T.float32 = T.float32(0)
+                    for zz in range(Z):
+                        weight: T.float32 = T.exp(ms[zz * G + gg] - m_all)
+                        l_all = l_all + ls[zz * G + gg] * weight
+                        a_all = a_all + accs[zz * G + gg, d] * weight
+                    part_acc[b, hk * G + gg, split, d] = a_all
+                    if d == 0:
+                        part_ml[b, hk * G + gg, split, 0] = m_all
+                        part_ml[b, hk * G + gg, split, 1] = l_all
+        with T.launch_thread("blockIdx.x", B * HQ) as bh:
+            d = T.launch_thread("threadIdx.x", D)
+            mb: T.float32 = part_ml[bh // HQ, bh % HQ, 0, 0]
+            for split in range(1, S):
+                mb = T.max(mb, part_ml[bh // HQ, bh % HQ, split, 0])
+            # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - mb) is 0.
+            lb: T.float32 = T.float32(0)
+            o: T.float32 = T.float32(0)
+            for split in range(S):
+                wb: T.float32 = T.exp(part_ml[bh // HQ, bh % HQ, split, 0] - mb)
+                lb = lb + part_ml[bh // HQ, bh % HQ, split, 1] * wb
+                o = o + part_acc[bh // HQ, bh % HQ, split, d] * wb
+            Out[bh // HQ, bh % HQ, d] = T.Cast("float16", _fdiv(o, lb))
+
+    return body
 
 def _check_variant(variant: str):
     if variant not in VARIANTS:
