@@ -64,3 +64,15 @@ def smollm2_fp32_package(smollm2_dir, tmp_path_factory):
                       "-o", out, "--context-window-size", "2048")
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def cuda_toolchain():
+    """CUDA builds on this host: skipped only where nvcc or cuobjdump is genuinely absent."""
+    from atom_tvm import cuda_build
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed (CUDA toolkit needed to build --target cuda)")
+    if cuda_build.find_cuobjdump() is None:
+        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
+    return cuda_build.enable_cuda_codegen()

@@ -160,17 +160,6 @@ def test_bad_shapes_and_dispatch():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cuda_toolchain():
-    import shutil
-
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not installed (CUDA toolkit needed to build the CUDA variants)")
-    if cuda_build.find_cuobjdump() is None:
-        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
-    cuda_build.enable_cuda_codegen()
-
-
 @pytest.mark.parametrize("op, sass", [("fp16", "HMMA.16816.F32"), ("int8", "IMMA.16832.S8.S8")])
 def test_cuda_builds(cuda_toolchain, tmp_path, op, sass):
     """SASS for sm_80 and sm_90a: the step's 16 tensor-core instructions (a 64x32 warp tile of

@@ -237,15 +237,6 @@ def test_variant_dispatch():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cuda_toolchain():
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not installed (CUDA toolkit needed to build the CUDA variants)")
-    if cuda_build.find_cuobjdump() is None:
-        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
-    cuda_build.enable_cuda_codegen()
-
-
 def find_nvdisasm() -> str | None:
     """nvdisasm (which cuobjdump --dump-sass runs) from PATH or the nvidia-cuda-nvdisasm wheel."""
     if shutil.which("nvdisasm"):
