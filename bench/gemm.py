@@ -207,7 +207,7 @@ def check(torch, func, act, weight, N: int, K: int) -> bool:
 def print_table(result: dict) -> None:
     print(f"\n{result['device']}  (TOPS = 2MNK / time; W4A4 G={result['G']}, O={result['O']})")
     print("| shape | M | W4A4 us | fp16 us | int8 us | W4A4 TOPS | fp16 TFLOPS | int8 TOPS "
-          f"| vs fp16 | vs int8 | W4A4 weight GB/s | of copy BW |")
+          "| vs fp16 | vs int8 | W4A4 weight GB/s | of copy BW |")
     print("|" + "---|" * 12)
     for r in result["rows"]:
         print(f"| {r['shape']} | {r['M']} | {r['w4a4_us']:.1f} | {r['fp16_us']:.1f} | {r['int8_us']:.1f} "
