@@ -19,6 +19,7 @@ of prefilling the whole history every turn.
 
 from __future__ import annotations
 
+import abc
 import copy
 import json
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ _KNOWN_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_o
 _REPLY_SENTINEL = "<<atom-tvm-reply-3f9c1a>>"
 
 
-class ChatTemplate:
+class ChatTemplate(abc.ABC):
     """Base class: renders a list of ``{"role", "content"}`` messages into prompt text.
 
     ``stop_strs`` are the texts that end an assistant turn; ``eos_token_ids`` are the config's EOS
@@ -56,8 +57,9 @@ class ChatTemplate:
         _check_messages(messages)
         return self._render(messages, add_generation_prompt)
 
+    @abc.abstractmethod
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        raise NotImplementedError
+        """The template's text for already checked messages."""
 
     def stop_token_ids(self, tokenizer) -> tuple[int, ...]:
         """Token ids that end a reply: the config's EOS ids plus stop strings that are one token."""
