@@ -410,22 +410,28 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
                     else:
                         Y[row, col + e] = T.Cast("float16", value)
 
+    return _entry_point(body, residual, kernel_name(cfg, residual))
+
+
+def _entry_point(body, residual: bool, name: str) -> tvm.tirx.PrimFunc:
+    """The kernel's PrimFunc around its body macro: the eight operands, ``res`` when built with a
+    residual, and ``y`` (without a residual the body gets ``y`` twice and never reads it as one)."""
     if residual:
 
         @T.prim_func
-        def w4a4_gemm_cuda_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-                                    w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
-                                    res: T.handle, y: T.handle):
+        def w4a4_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+                          w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
+                          res: T.handle, y: T.handle):
             body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
 
-        return w4a4_gemm_cuda_residual.with_attr("global_symbol", kernel_name(cfg, True))
+        return w4a4_residual.with_attr("global_symbol", name)
 
     @T.prim_func
-    def w4a4_gemm_cuda(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-                       w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
+    def w4a4(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+             w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
         body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
 
-    return w4a4_gemm_cuda.with_attr("global_symbol", kernel_name(cfg, False))
+    return w4a4.with_attr("global_symbol", name)
 
 
 def kernel_name(cfg, residual: bool) -> str:
@@ -653,22 +659,7 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
                 else:
                     Y[m0 + row, n0 + col] = T.Cast("float16", acc[j])
 
-    if residual:
-
-        @T.prim_func
-        def w4a4_gemv_cuda_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-                                    w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
-                                    res: T.handle, y: T.handle):
-            body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
-
-        return w4a4_gemv_cuda_residual.with_attr("global_symbol", kernel_name(cfg, True))
-
-    @T.prim_func
-    def w4a4_gemv_cuda(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-                       w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
-        body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
-
-    return w4a4_gemv_cuda.with_attr("global_symbol", kernel_name(cfg, False))
+    return _entry_point(body, residual, kernel_name(cfg, residual))
 
 
 # ---------------------------------------------------------------------------------------------
