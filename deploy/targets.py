@@ -87,3 +87,17 @@ def make_target(kind: str, archs: list[str]) -> tvm.target.Target:
                   "max_threads_per_block": 1024, "thread_warp_size": 32}
         return tvm.target.Target(device, host={"kind": "llvm"})
     raise UserError(f"unknown target {kind!r}: choose from {', '.join(SUPPORTED_KINDS)}")
+
+
+def kernel_variant(target: tvm.target.Target, family: str, cuda_variants: dict[str, str]) -> str:
+    """The variant of a kernel family a target gets: ``cpu`` on llvm, on cuda the one mapped from
+    the target's arch; anything else is a UserError naming what the family supports."""
+    kind = target.kind.name
+    if kind == "llvm":
+        return "cpu"
+    if kind == "cuda":
+        arch = str(target.attrs.get("arch", ""))
+        if arch in cuda_variants:
+            return cuda_variants[arch]
+        raise UserError(f"no {family} for CUDA arch {arch or '(none)'}; use one of {', '.join(cuda_variants)}")
+    raise UserError(f"no {family} for target kind {kind!r}; use llvm or cuda")

@@ -150,18 +150,10 @@ def int8_gemm_reference(x, sx, w, sw, residual=None) -> np.ndarray:
 
 
 def variant_for(target: tvm.target.Target) -> str:
-    """``cpu`` or ``sm80``: the dense GEMM variant a target gets."""
-    from deploy.targets import SUPPORTED_ARCHS
+    """``cpu`` or ``sm80``: the dense GEMM variant a target gets (Hopper runs the mma.sync code too)."""
+    from deploy.targets import SUPPORTED_ARCHS, kernel_variant
 
-    kind = target.kind.name
-    if kind == "llvm":
-        return "cpu"
-    if kind == "cuda":
-        arch = str(target.attrs.get("arch", ""))
-        if arch in SUPPORTED_ARCHS:
-            return "sm80"
-        raise UserError(f"no dense GEMM for CUDA arch {arch or '(none)'}; use one of {', '.join(SUPPORTED_ARCHS)}")
-    raise UserError(f"no dense GEMM for target kind {kind!r}; use llvm or cuda")
+    return kernel_variant(target, "dense GEMM", {arch: "sm80" for arch in SUPPORTED_ARCHS})
 
 
 def fp16_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False,

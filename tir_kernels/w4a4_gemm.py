@@ -49,6 +49,7 @@ import tvm
 from tvm.script import tirx as T
 
 from atom_tvm.errors import UserError
+from deploy.targets import kernel_variant
 from atom_tvm.quantization.formats import GROUP_SIZES, AtomActivation, AtomWeight, unpack_int4
 
 #: The kernel's inputs in call order; ``residual`` (if built with one) and ``y`` follow.
@@ -177,17 +178,8 @@ def atom_args(a: AtomActivation, w: AtomWeight) -> list[np.ndarray]:
 
 def variant_for(target: tvm.target.Target) -> str:
     """``cpu``, ``sm80_int4`` or ``sm90_int8``: the GEMM variant a target gets."""
-    kind = target.kind.name
-    if kind == "llvm":
-        return "cpu"
-    if kind == "cuda":
-        arch = str(target.attrs.get("arch", ""))
-        if arch in ("sm_80", "sm_86", "sm_89"):
-            return "sm80_int4"
-        if arch in ("sm_90", "sm_90a"):
-            return "sm90_int8"
-        raise UserError(f"no W4A4 GEMM for CUDA arch {arch or '(none)'}; use sm_80, sm_86, sm_89 or sm_90a")
-    raise UserError(f"no W4A4 GEMM for target kind {kind!r}; use llvm or cuda")
+    return kernel_variant(target, "W4A4 GEMM", {"sm_80": "sm80_int4", "sm_86": "sm80_int4", "sm_89": "sm80_int4",
+                                                "sm_90": "sm90_int8", "sm_90a": "sm90_int8"})
 
 
 def w4a4_gemm(
