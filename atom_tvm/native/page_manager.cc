@@ -88,7 +88,7 @@ class PageManagerObj : public ffi::Object {
   TVM_FFI_DECLARE_OBJECT_INFO_FINAL("atom_tvm.PageManager", PageManagerObj, ffi::Object);
 
   PageManagerObj(int64_t num_pages, int64_t page_size, int64_t max_batch)
-      : num_pages_(num_pages), page_size_(page_size), max_batch_(max_batch) {
+      : page_size_(page_size), max_batch_(max_batch) {
     refcount_.assign(num_pages, 0);
     free_pages_.reserve(num_pages);
     // A stack: page 0 is handed out first, and a page just freed is the next one reused.
@@ -299,7 +299,7 @@ class PageManagerObj : public ffi::Object {
     ++Data<int64_t>(step_info_)[kGeneration];
   }
 
-  const int64_t num_pages_, page_size_, max_batch_;
+  const int64_t page_size_, max_batch_;
   std::vector<int32_t> refcount_;
   std::vector<int32_t> free_pages_;
   std::unordered_map<int64_t, Sequence> sequences_;
