@@ -1,10 +1,11 @@
 """Quantized paged KV cache kernels (CPU builds; the cuda append and decode on a GPU) against the float64 "append then attend" reference.
 
-Every case appends a prefix, then the new tokens, into shuffled (non-contiguous) pages whose
-unused slots hold garbage, and checks:
+Every case appends a prefix, then the new tokens, into shuffled (non-contiguous) pages of one
+layer of a multi-layer cache whose unused slots (and other layers) hold garbage, and checks:
 * the rotated q bit for bit against TVM's own Llama RoPE kernel (`llama_rope_with_position_map`,
   built for the same CPU), and the page contents bit for bit against `write_pages_ref`
-  (formats.quantize_kv_asym) of that kernel's float16 rotated K and of V. `rope_ref` (correctly
+  (formats.quantize_kv_asym) of that kernel's float16 rotated K and of V, every other layer
+  untouched. `rope_ref` (correctly
   rounded float32 RoPE) is checked against TVM's kernel within one float16 ulp: libm's sin, cos
   and pow are not correctly rounded, so a few values in a million differ in the last bit;
 * the attention output against `attention_ref` (float64 on the same dequantized K/V) within
@@ -31,6 +32,9 @@ from tir_kernels.quantize import build
 P = kva.PAGE_SIZE
 THETA = 10000.0
 HEADS = [(9, 3, 64), (32, 8, 128), (32, 32, 128)]
+NUM_LAYERS = 2
+#: The layer each KV width works on (the last one for two widths: its offset is not 0).
+LAYER = {4: 1, 8: 0, 16: 1}
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,7 +101,7 @@ def _tokens(indptr, indices, start, stop):
 
 def _garbage_pages(rng, num_pages, hkv, dim, kv_bits):
     pages = []
-    for shape, dtype in kva.page_shapes(num_pages, hkv, dim, kv_bits):
+    for shape, dtype in kva.page_shapes(NUM_LAYERS, num_pages, hkv, dim, kv_bits):
         if dtype == "uint8":
             pages.append(rng.integers(0, 256, shape, dtype=np.uint8))
         else:
@@ -107,6 +111,7 @@ def _garbage_pages(rng, num_pages, hkv, dim, kv_bits):
 
 def _run(kv_bits, heads, prefix, new, seed, decode=False, variant="cpu"):
     hq, hkv, dim = heads
+    layer = LAYER[kv_bits]
     rng = np.random.default_rng(seed)
     lengths = [a + b for a, b in zip(prefix, new)]
     num_pages, indptr, indices, last = _page_table(rng, lengths)
@@ -131,26 +136,27 @@ def _run(kv_bits, heads, prefix, new, seed, decode=False, variant="cpu"):
             # The cuda append rotates with correctly rounded pow/cos/sin (see its docstring).
             q_tvm = kva.rope_ref(qkv[:, :hq], pos, THETA)
             k_tvm = kva.rope_ref(qkv[:, hq:hq + hkv], pos, THETA)
-        ref_pages = kva.write_pages_ref(ref_pages, slots, k_tvm, v, kv_bits)
+        ref_pages = kva.write_pages_ref(ref_pages, layer, slots, k_tvm, v, kv_bits)
         q_rot = tvm.runtime.tensor(np.zeros((len(pos), hq, dim), np.float16), dev)
-        append(*[tvm.runtime.tensor(a, dev) for a in (qkv, pos, slots)], q_rot, *pages)
+        append(*[tvm.runtime.tensor(a, dev) for a in (qkv, pos, slots)], *pages, layer, q_rot)
         np.testing.assert_array_equal(q_rot.numpy().view(np.uint16), q_tvm.view(np.uint16))
         for got, want in zip(pages, ref_pages):
             np.testing.assert_array_equal(got.numpy().view(np.uint8), want.view(np.uint8))
 
     q = q_rot.numpy()
     qo_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
-    ref = kva.attention_ref(q, qo_indptr, ref_pages, indptr, indices, last, kv_bits)
+    ref = kva.attention_ref(q, qo_indptr, ref_pages, layer, indptr, indices, last, kv_bits)
     table = [tvm.runtime.tensor(a, dev) for a in (indptr, indices, last)]
     out = tvm.runtime.tensor(np.zeros_like(q), dev)
     if decode:
-        _kernel("decode", kv_bits, hq, hkv, dim, variant)(q_rot, *pages, *table, out)
+        _kernel("decode", kv_bits, hq, hkv, dim, variant)(q_rot, *pages, layer, *table, out)
     else:
-        _kernel("prefill", kv_bits, hq, hkv, dim)(
-            q_rot, tvm.runtime.tensor(qo_indptr, dev), *pages, *table, out)
+        _kernel("prefill", kv_bits, hq, hkv, dim, variant)(
+            q_rot, tvm.runtime.tensor(qo_indptr, dev), *pages, layer, *table, out)
     got = out.numpy().astype(np.float64)
     slots = np.concatenate(written)
-    v_max = np.abs(kva.dequantize_pages_ref(ref_pages, kv_bits)[slots // P, 1, :, slots % P]).max()
+    layer_pages = tuple(p[layer] for p in ref_pages)
+    v_max = np.abs(kva.dequantize_pages_ref(layer_pages, kv_bits)[slots // P, 1, :, slots % P]).max()
     tol = 0.5 * np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64) + 2.0**-16 * v_max
     err = np.abs(got - ref)
     assert np.isfinite(got).all()
@@ -184,11 +190,13 @@ def test_prefill(kv_bits, heads):
 
 
 def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
-    """Every cuda append and decode of the test shapes in one module, SASS for both archs."""
+    """Every cuda append, decode and copy_pages of the test shapes in one module, SASS for both archs."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed (CUDA toolkit needed to build --target cuda)")
     funcs = [getattr(kva, kind)(bits, *heads, *((THETA,) if kind == "append" else ()), variant="cuda")
              for kind in ("append", "decode") for bits in kva.KV_BITS for heads in HEADS]
+    funcs += [kva.copy_pages(bits, heads[1], heads[2], variant="cuda") for bits in kva.KV_BITS
+              for heads in HEADS]
     exe = build(tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs}), "cuda", ("sm_80", "sm_90a"))
     lib = tmp_path / "kv_attention.so"
     exe.export_library(str(lib))
@@ -200,10 +208,33 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
         assert codes["sass"] == ["sm_80", "sm_90a"] and codes["ptx"] == ["sm_80"]
 
 
+@pytest.mark.parametrize("variant", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kv_bits", kva.KV_BITS)
+def test_copy_pages(kv_bits, variant):
+    """Copy-on-write: every layer's src pages land on the dst pages, nothing else changes."""
+    rng = np.random.default_rng(kv_bits)
+    hkv, dim, num_pages = 3, 64, 12
+    pages = _garbage_pages(rng, num_pages, hkv, dim, kv_bits)
+    order = rng.permutation(num_pages).astype(np.int32)
+    src, dst = order[:4], order[4:8]
+    func = kva.copy_pages(kv_bits, hkv, dim, variant=variant)
+    archs = (_gpu_arch(),) if variant == "cuda" else ()
+    run = build(func, variant, archs)[func.attrs["global_symbol"]]
+    dev = tvm.cuda(0) if variant == "cuda" else tvm.cpu()
+    got = [tvm.runtime.tensor(p, dev) for p in pages]
+    run(*got, tvm.runtime.tensor(src, dev), tvm.runtime.tensor(dst, dev))
+    for g, want in zip(got, kva.copy_pages_ref(pages, src, dst)):
+        np.testing.assert_array_equal(g.numpy().view(np.uint8), want.view(np.uint8))
+
+
 def test_page_shapes():
-    assert kva.page_shapes(10, 8, 128, 4) == [((10, 2, 8, P, 64), "uint8"), ((10, 2, 8, P, 2), "float16")]
-    assert kva.page_shapes(10, 8, 128, 8) == [((10, 2, 8, P, 128), "uint8"), ((10, 2, 8, P, 2), "float16")]
-    assert kva.page_shapes(10, 8, 64, 16) == [((10, 2, 8, P, 64), "float16")]
+    assert kva.page_shapes(2, 10, 8, 128, 4) == [((2, 10, 2, 8, P, 64), "uint8"),
+                                                 ((2, 10, 2, 8, P, 2), "float16")]
+    assert kva.page_shapes(1, 10, 8, 128, 8) == [((1, 10, 2, 8, P, 128), "uint8"),
+                                                 ((1, 10, 2, 8, P, 2), "float16")]
+    assert kva.page_shapes(32, 10, 8, 64, 16) == [((32, 10, 2, 8, P, 64), "float16")]
+    with pytest.raises(UserError):
+        kva.page_shapes(0, 10, 8, 64, 16)
 
 
 @pytest.mark.parametrize("args", [(3, 32, 8, 128), (4, 32, 8, 96), (4, 30, 8, 128)])

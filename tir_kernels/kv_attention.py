@@ -1,27 +1,35 @@
 """Quantized paged KV cache: page layout, append (RoPE + quantize) and attention over the pages.
 
-One kernel family in three kernels, each generated for ``kv_bits`` 4, 8 or 16 from one code path:
+One kernel family in four kernels, each generated for ``kv_bits`` 4, 8 or 16 from one code path:
 
 * `append` - RoPE on q and k of the fused qkv projection output, then K (rotated) and V quantized
   per token per head into their page slots; returns the rotated q for the attention kernels.
 * `decode` - one query token per sequence attending to all of its pages (split-K over the pages).
 * `prefill` - a ragged batch of new query tokens attending causally to their sequences' pages
   (the new tokens are appended first, so the pages hold the prefix and the new tokens alike).
+* `copy_pages` - every layer's page ``src[i]`` copied to ``dst[i]`` (copy-on-write after a fork).
 
-Page layout (THE layout; one set of buffers per layer)
-------------------------------------------------------
+Page layout (THE layout; one set of buffers holds every layer)
+--------------------------------------------------------------
 A page holds ``P`` consecutive tokens (`PAGE_SIZE` = 16 by default) of one sequence for every
-KV head. Axis 1 selects K (0) or V (1).
+KV head, in every layer: page ``i`` of a sequence is page ``i`` of all ``L`` layers. Axis 0 is
+the layer, axis 2 selects K (0) or V (1).
 
-=========  ===============  ======================================  ===========================
-kv_bits    buffer           shape / dtype                           contents
-=========  ===============  ======================================  ===========================
-4, 8       kv_codes         uint8 [pages, 2, H_kv, P, D*bits/8]     codes of `formats`' KV
-                                                                    format; 4 bits: two per
-                                                                    byte, low nibble = even d
-4, 8       kv_scale_zero    float16 [pages, 2, H_kv, P, 2]          (scale, zero) of that row
-16         kv_data          float16 [pages, 2, H_kv, P, D]          the values themselves
-=========  ===============  ======================================  ===========================
+=========  ===============  =========================================  ========================
+kv_bits    buffer           shape / dtype                              contents
+=========  ===============  =========================================  ========================
+4, 8       kv_codes         uint8 [L, pages, 2, H_kv, P, D*bits/8]     codes of `formats`' KV
+                                                                       format; 4 bits: two per
+                                                                       byte, low nibble = even d
+4, 8       kv_scale_zero    float16 [L, pages, 2, H_kv, P, 2]          (scale, zero) of that row
+16         kv_data          float16 [L, pages, 2, H_kv, P, D]          the values themselves
+=========  ===============  =========================================  ========================
+
+``L`` and ``pages`` are symbolic; `append`, `decode` and `prefill` take the layer they work on
+as a scalar ``layer int32`` right after the page buffers. Outputs come last in every argument
+list (Relax's ``call_tir_inplace`` passes the in-place page buffers among the inputs and
+appends fresh outputs). Page addresses are computed in 64 bits: the buffers of all layers pass
+2**31 elements long before they fill a GPU.
 
 Each (token, head) row of K or V is quantized on its own, exactly as
 `atom_tvm.quantization.formats.quantize_kv_asym` does (asymmetric, ``x ~ q * scale + zero``).
@@ -103,9 +111,11 @@ __all__ = [
     "append_ref",
     "dequantize_pages_ref",
     "attention_ref",
+    "copy_pages_ref",
     "append",
     "decode",
     "prefill",
+    "copy_pages",
 ]
 
 VARIANTS = ("cpu", "cuda")
@@ -135,11 +145,14 @@ _FULL_MASK = 0xFFFFFFFF
 # ---------------------------------------------------------------------------------------------
 
 
-def page_shapes(num_pages: int, num_kv_heads: int, head_dim: int, kv_bits: int,
+def page_shapes(num_layers: int, num_pages: int, num_kv_heads: int, head_dim: int, kv_bits: int,
                 page_size: int = PAGE_SIZE) -> list[tuple[tuple[int, ...], str]]:
-    """Shapes and dtypes of one layer's page buffers, in kernel argument order."""
+    """Shapes and dtypes of the page buffers of all layers, in kernel argument order."""
     _check(kv_bits, num_kv_heads, num_kv_heads, head_dim, page_size)
-    rows = (num_pages, 2, num_kv_heads, page_size)
+    if num_layers <= 0 or num_pages <= 0:
+        raise UserError(f"a KV cache needs at least one layer and one page, got {num_layers} "
+                        f"layers and {num_pages} pages")
+    rows = (num_layers, num_pages, 2, num_kv_heads, page_size)
     if kv_bits == 16:
         return [((*rows, head_dim), "float16")]
     return [((*rows, head_dim * kv_bits // 8), "uint8"), ((*rows, 2), "float16")]
@@ -154,6 +167,35 @@ def _check(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, pag
         raise UserError(f"{num_q_heads} query heads do not split into groups of {num_kv_heads} KV heads")
     if page_size <= 0:
         raise UserError(f"page size must be positive, got {page_size}")
+
+
+def _view(buf, shape, dtype: str, elem_offset):
+    """A compact buffer over ``buf``'s memory with 64-bit strides: the page buffers of all
+    layers pass 2**31 elements well before they fill a GPU, so their index arithmetic must not
+    be int32 (the strides make every flattened index int64 from the first product on)."""
+    strides, size = [], T.int64(1)
+    for dim in reversed(shape):
+        strides.insert(0, size)
+        size = size * T.Cast("int64", dim)
+    return T.decl_buffer(shape, dtype, data=buf.data, strides=strides, elem_offset=elem_offset)
+
+
+def _layer_view(pages, layer):
+    """Layer ``layer`` of an ``[L, pages, 2, H_kv, P, X]`` page buffer as ``[pages, 2, H_kv,
+    P, X]`` (what the kernel bodies index)."""
+    shape = pages.shape[1:]
+    size = T.int64(1)
+    for dim in shape:
+        size = size * T.Cast("int64", dim)
+    return _view(pages, shape, pages.dtype, T.Cast("int64", layer) * size)
+
+
+def _word_view(pages):
+    """A layer view (`_layer_view`) reinterpreted as uint32 words along its last axis; every
+    row is a multiple of 4 bytes (D * bits / 8 codes, 2 float16 scales, D float16 values)."""
+    per_word = {"uint8": 4, "float16": 2}[str(pages.dtype)]
+    return _view(pages, (*pages.shape[:-1], pages.shape[-1] // per_word), "uint32",
+                 pages.elem_offset // per_word)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,50 +224,62 @@ def rope_ref(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return (cos * x.astype(np.float32) + sin * rot.astype(np.float32)).astype(np.float16)
 
 
-def write_pages_ref(pages: tuple, slots: np.ndarray, k: np.ndarray, v: np.ndarray,
+def write_pages_ref(pages: tuple, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray,
                     kv_bits: int) -> tuple:
-    """Pages with float16 rows ``k, v [n, H_kv, D]`` stored (quantized) at ``slots [n]``;
-    ``pages`` (as `page_shapes`) is not modified."""
-    page_size = pages[0].shape[3]
+    """Pages with float16 rows ``k, v [n, H_kv, D]`` stored (quantized) at ``slots [n]`` of
+    ``layer``; ``pages`` (as `page_shapes`) is not modified."""
+    page_size = pages[0].shape[4]
     page, off = np.asarray(slots) // page_size, np.asarray(slots) % page_size
     pages = tuple(p.copy() for p in pages)
     for which, x in ((0, k), (1, v)):
         if kv_bits == 16:
-            pages[0][page, which, :, off] = x
+            pages[0][layer, page, which, :, off] = x
         else:
             codes, scale, zero = quantize_kv_asym(x, kv_bits)
-            pages[0][page, which, :, off] = codes
-            pages[1][page, which, :, off] = np.concatenate([scale, zero], axis=-1)
+            pages[0][layer, page, which, :, off] = codes
+            pages[1][layer, page, which, :, off] = np.concatenate([scale, zero], axis=-1)
     return pages
 
 
 def append_ref(qkv: np.ndarray, positions: np.ndarray, slots: np.ndarray, pages: tuple,
-               num_q_heads: int, num_kv_heads: int, rope_theta: float,
+               layer: int, num_q_heads: int, num_kv_heads: int, rope_theta: float,
                kv_bits: int) -> tuple[np.ndarray, tuple]:
     """What `append` computes: ``(q_rot, new pages)``; ``pages`` is not modified."""
     qkv = np.asarray(qkv, np.float16)
     hq, hkv = num_q_heads, num_kv_heads
     q_rot = rope_ref(qkv[:, :hq], positions, rope_theta)
     k_rot = rope_ref(qkv[:, hq:hq + hkv], positions, rope_theta)
-    return q_rot, write_pages_ref(pages, slots, k_rot, qkv[:, hq + hkv:], kv_bits)
+    return q_rot, write_pages_ref(pages, layer, slots, k_rot, qkv[:, hq + hkv:], kv_bits)
+
+
+def copy_pages_ref(pages: tuple, src_pages: np.ndarray, dst_pages: np.ndarray) -> tuple:
+    """What `copy_pages` computes: every layer's page ``src[i]`` copied to ``dst[i]``, in
+    order; ``pages`` is not modified."""
+    pages = tuple(p.copy() for p in pages)
+    for src, dst in zip(src_pages, dst_pages):
+        for p in pages:
+            p[:, dst] = p[:, src]
+    return pages
 
 
 def dequantize_pages_ref(pages: tuple, kv_bits: int) -> np.ndarray:
-    """float32 ``[pages, 2, H_kv, P, D]`` values the attention kernels read from ``pages``."""
+    """float32 values ``[..., 2, H_kv, P, D]`` the attention kernels read from page buffers
+    (all layers' or one layer's)."""
     if kv_bits == 16:
         return pages[0].astype(np.float32)
     codes, scale_zero = pages
     return dequantize_kv_asym(codes, scale_zero[..., 0:1], scale_zero[..., 1:2], kv_bits)
 
 
-def attention_ref(q: np.ndarray, qo_indptr: np.ndarray, pages: tuple, page_indptr: np.ndarray,
-                  page_indices: np.ndarray, last_page_len: np.ndarray, kv_bits: int) -> np.ndarray:
-    """float64 causal attention of ragged ``q [n, H_q, D]`` over the paged K/V (both kernels).
+def attention_ref(q: np.ndarray, qo_indptr: np.ndarray, pages: tuple, layer: int,
+                  page_indptr: np.ndarray, page_indices: np.ndarray, last_page_len: np.ndarray,
+                  kv_bits: int) -> np.ndarray:
+    """float64 causal attention of ragged ``q [n, H_q, D]`` over ``layer``'s paged K/V (both kernels).
 
     Query ``i`` of a sequence with ``l`` queries and ``L`` cached tokens sees tokens
     ``0 .. L - l + i``; decode is ``qo_indptr = arange(B + 1)``.
     """
-    kv = dequantize_pages_ref(pages, kv_bits).astype(np.float64)
+    kv = dequantize_pages_ref(tuple(p[layer] for p in pages), kv_bits).astype(np.float64)
     page_size = kv.shape[3]
     n, hq, dim = q.shape
     hkv = kv.shape[2]
@@ -292,8 +346,9 @@ def _rope(x, s, h, d, pos, dim: int, theta: float):
 def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
            page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
     """RoPE + quantize-into-pages. Arguments: ``qkv float16 [n, H_q + 2 H_kv, D]``,
-    ``positions int32 [n]``, ``slots int32 [n]`` (page * P + offset), ``q_rot float16 [n, H_q,
-    D]`` (written), then the page buffers of `page_shapes` (written in place at the slots)."""
+    ``positions int32 [n]``, ``slots int32 [n]`` (page * P + offset), the page buffers of
+    `page_shapes` (written in place at the slots of layer ``layer``), ``layer int32``, ``q_rot
+    float16 [n, H_q, D]`` (written)."""
     _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
     _check_variant(variant)
     HQ, HKV, D, P = num_q_heads, num_kv_heads, head_dim, page_size
@@ -354,33 +409,38 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
     if kv_bits == 16:
 
         @T.prim_func
-        def func(qkv_h: T.handle, pos_h: T.handle, slot_h: T.handle, q_h: T.handle,
-                 data_h: T.handle):
+        def func(qkv_h: T.handle, pos_h: T.handle, slot_h: T.handle, data_h: T.handle,
+                 layer: T.int32, q_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             n = T.int32()
+            num_layers = T.int32()
             num_pages = T.int32()
             QKV = T.match_buffer(qkv_h, (n, HQ + 2 * HKV, D), "float16")
             Pos = T.match_buffer(pos_h, (n,), "int32")
             Slots = T.match_buffer(slot_h, (n,), "int32")
+            Data = T.match_buffer(data_h, (num_layers, num_pages, 2, HKV, P, D), "float16")
             QRot = T.match_buffer(q_h, (n, HQ, D), "float16")
-            Data = T.match_buffer(data_h, (num_pages, 2, HKV, P, D), "float16")
-            body(QKV, Pos, Slots, QRot, Data, None, n)
+            data = _layer_view(Data, layer)
+            body(QKV, Pos, Slots, QRot, data, None, n)
 
     else:
 
         @T.prim_func
-        def func(qkv_h: T.handle, pos_h: T.handle, slot_h: T.handle, q_h: T.handle,
-                 codes_h: T.handle, sz_h: T.handle):
+        def func(qkv_h: T.handle, pos_h: T.handle, slot_h: T.handle, codes_h: T.handle,
+                 sz_h: T.handle, layer: T.int32, q_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             n = T.int32()
+            num_layers = T.int32()
             num_pages = T.int32()
             QKV = T.match_buffer(qkv_h, (n, HQ + 2 * HKV, D), "float16")
             Pos = T.match_buffer(pos_h, (n,), "int32")
             Slots = T.match_buffer(slot_h, (n,), "int32")
+            Codes = T.match_buffer(codes_h, (num_layers, num_pages, 2, HKV, P, width), "uint8")
+            SZ = T.match_buffer(sz_h, (num_layers, num_pages, 2, HKV, P, 2), "float16")
             QRot = T.match_buffer(q_h, (n, HQ, D), "float16")
-            Codes = T.match_buffer(codes_h, (num_pages, 2, HKV, P, width), "uint8")
-            SZ = T.match_buffer(sz_h, (num_pages, 2, HKV, P, 2), "float16")
-            body(QKV, Pos, Slots, QRot, Codes, SZ, n)
+            codes = _layer_view(Codes, layer)
+            scale_zero = _layer_view(SZ, layer)
+            body(QKV, Pos, Slots, QRot, codes, scale_zero, n)
 
     name = f"kv_append_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
     return func.with_attr("global_symbol", name)
@@ -443,7 +503,7 @@ def _attend_macro(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: i
 def decode(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
            page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
     """Decode attention. Arguments: ``q float16 [B, H_q, D]`` (rotated), the page buffers,
-    ``page_indptr int32 [B+1]``, ``page_indices int32 [total]``, ``last_page_len int32 [B]``,
+    ``layer int32``, ``page_indptr int32 [B+1]``, ``page_indices int32 [total]``, ``last_page_len int32 [B]``,
     ``out float16 [B, H_q, D]`` (written). Every sequence needs at least one token."""
     _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
     _check_variant(variant)
@@ -495,37 +555,42 @@ def decode(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     if kv_bits == 16:
 
         @T.prim_func
-        def func(q_h: T.handle, data_h: T.handle, indptr_h: T.handle, indices_h: T.handle,
-                 last_h: T.handle, out_h: T.handle):
+        def func(q_h: T.handle, data_h: T.handle, layer: T.int32, indptr_h: T.handle,
+                 indices_h: T.handle, last_h: T.handle, out_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             B = T.int32()
+            num_layers = T.int32()
             num_pages = T.int32()
             total = T.int32()
             Q = T.match_buffer(q_h, (B, HQ, D), "float16")
-            Data = T.match_buffer(data_h, (num_pages, 2, HKV, P, D), "float16")
+            Data = T.match_buffer(data_h, (num_layers, num_pages, 2, HKV, P, D), "float16")
             Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
             Indices = T.match_buffer(indices_h, (total,), "int32")
             LastLen = T.match_buffer(last_h, (B,), "int32")
             Out = T.match_buffer(out_h, (B, HQ, D), "float16")
-            body(Q, Data, None, Indptr, Indices, LastLen, Out, B)
+            data = _layer_view(Data, layer)
+            body(Q, data, None, Indptr, Indices, LastLen, Out, B)
 
     else:
 
         @T.prim_func
-        def func(q_h: T.handle, codes_h: T.handle, sz_h: T.handle, indptr_h: T.handle,
-                 indices_h: T.handle, last_h: T.handle, out_h: T.handle):
+        def func(q_h: T.handle, codes_h: T.handle, sz_h: T.handle, layer: T.int32,
+                 indptr_h: T.handle, indices_h: T.handle, last_h: T.handle, out_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             B = T.int32()
+            num_layers = T.int32()
             num_pages = T.int32()
             total = T.int32()
             Q = T.match_buffer(q_h, (B, HQ, D), "float16")
-            Codes = T.match_buffer(codes_h, (num_pages, 2, HKV, P, width), "uint8")
-            SZ = T.match_buffer(sz_h, (num_pages, 2, HKV, P, 2), "float16")
+            Codes = T.match_buffer(codes_h, (num_layers, num_pages, 2, HKV, P, width), "uint8")
+            SZ = T.match_buffer(sz_h, (num_layers, num_pages, 2, HKV, P, 2), "float16")
             Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
             Indices = T.match_buffer(indices_h, (total,), "int32")
             LastLen = T.match_buffer(last_h, (B,), "int32")
             Out = T.match_buffer(out_h, (B, HQ, D), "float16")
-            body(Q, Codes, SZ, Indptr, Indices, LastLen, Out, B)
+            codes = _layer_view(Codes, layer)
+            scale_zero = _layer_view(SZ, layer)
+            body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B)
 
     name = f"kv_decode_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
     return func.with_attr("global_symbol", name)
@@ -534,7 +599,7 @@ def decode(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
 def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
             page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
     """Causal ragged prefill attention. Arguments: ``q float16 [n, H_q, D]`` (rotated),
-    ``qo_indptr int32 [B+1]``, the page buffers, ``page_indptr``, ``page_indices``,
+    ``qo_indptr int32 [B+1]``, the page buffers, ``layer int32``, ``page_indptr``, ``page_indices``,
     ``last_page_len`` (the pages already hold the n new tokens), ``out float16 [n, H_q, D]``."""
     _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
     _check_variant(variant)
@@ -569,43 +634,126 @@ def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     if kv_bits == 16:
 
         @T.prim_func
-        def func(q_h: T.handle, qo_h: T.handle, data_h: T.handle, indptr_h: T.handle,
-                 indices_h: T.handle, last_h: T.handle, out_h: T.handle):
+        def func(q_h: T.handle, qo_h: T.handle, data_h: T.handle, layer: T.int32,
+                 indptr_h: T.handle, indices_h: T.handle, last_h: T.handle, out_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             n = T.int32()
             B = T.int32()
+            num_layers = T.int32()
             num_pages = T.int32()
             total = T.int32()
             Q = T.match_buffer(q_h, (n, HQ, D), "float16")
             QoIndptr = T.match_buffer(qo_h, (B + 1,), "int32")
-            Data = T.match_buffer(data_h, (num_pages, 2, HKV, P, D), "float16")
+            Data = T.match_buffer(data_h, (num_layers, num_pages, 2, HKV, P, D), "float16")
             Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
             Indices = T.match_buffer(indices_h, (total,), "int32")
             LastLen = T.match_buffer(last_h, (B,), "int32")
             Out = T.match_buffer(out_h, (n, HQ, D), "float16")
-            body(Q, QoIndptr, Data, None, Indptr, Indices, LastLen, Out, n, B)
+            data = _layer_view(Data, layer)
+            body(Q, QoIndptr, data, None, Indptr, Indices, LastLen, Out, n, B)
 
     else:
 
         @T.prim_func
         def func(q_h: T.handle, qo_h: T.handle, codes_h: T.handle, sz_h: T.handle,
-                 indptr_h: T.handle, indices_h: T.handle, last_h: T.handle, out_h: T.handle):
+                 layer: T.int32, indptr_h: T.handle, indices_h: T.handle, last_h: T.handle,
+                 out_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             n = T.int32()
             B = T.int32()
+            num_layers = T.int32()
             num_pages = T.int32()
             total = T.int32()
             Q = T.match_buffer(q_h, (n, HQ, D), "float16")
             QoIndptr = T.match_buffer(qo_h, (B + 1,), "int32")
-            Codes = T.match_buffer(codes_h, (num_pages, 2, HKV, P, width), "uint8")
-            SZ = T.match_buffer(sz_h, (num_pages, 2, HKV, P, 2), "float16")
+            Codes = T.match_buffer(codes_h, (num_layers, num_pages, 2, HKV, P, width), "uint8")
+            SZ = T.match_buffer(sz_h, (num_layers, num_pages, 2, HKV, P, 2), "float16")
             Indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
             Indices = T.match_buffer(indices_h, (total,), "int32")
             LastLen = T.match_buffer(last_h, (B,), "int32")
             Out = T.match_buffer(out_h, (n, HQ, D), "float16")
-            body(Q, QoIndptr, Codes, SZ, Indptr, Indices, LastLen, Out, n, B)
+            codes = _layer_view(Codes, layer)
+            scale_zero = _layer_view(SZ, layer)
+            body(Q, QoIndptr, codes, scale_zero, Indptr, Indices, LastLen, Out, n, B)
 
     name = f"kv_prefill_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
+    return func.with_attr("global_symbol", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# copy_pages
+# ---------------------------------------------------------------------------------------------
+
+
+def copy_pages(kv_bits: int, num_kv_heads: int, head_dim: int, page_size: int = PAGE_SIZE,
+               variant: str = "cpu") -> tirx.PrimFunc:
+    """Copy-on-write after a fork: every layer's page ``src_pages[i]`` copied to ``dst_pages[i]``
+    (K and V, codes and scales). Arguments: the page buffers (written in place), ``src_pages
+    int32 [n]``, ``dst_pages int32 [n]`` (n >= 1). The copies run in parallel, so the dst pages
+    must be distinct and none of them a src page."""
+    _check(kv_bits, num_kv_heads, num_kv_heads, head_dim, page_size)
+    _check_variant(variant)
+    HKV, D, P = num_kv_heads, head_dim, page_size
+    # 32-bit words of one layer's page in each page buffer (rows are whole words).
+    words = [math.prod(shape[2:]) * (1 if dtype == "uint8" else 2) // 4
+             for shape, dtype in page_shapes(1, 1, HKV, D, kv_bits, P)]
+    threads = 256
+
+    @T.macro
+    def copy(pages, Src, Dst, n, num_layers, num_pages, words: int, vec: int):
+        W = _view(pages, (num_layers, num_pages, words), "uint32", 0)
+        if variant == "cuda":
+            # One block per (pair, layer), `vec` words a load (16 bytes where they divide a page).
+            with T.launch_thread("blockIdx.x", n * num_layers) as task:
+                tx = T.launch_thread("threadIdx.x", threads)
+                chunk = T.alloc_local((vec,), "uint32")
+                layer = task % num_layers
+                src = Src[task // num_layers]
+                dst = Dst[task // num_layers]
+                for it in range((words // vec + threads - 1) // threads):
+                    # Written out, not named: codegen emits a vector load only where it can
+                    # prove the word index a multiple of vec.
+                    if (it * threads + tx) * vec < words:
+                        for v in T.vectorized(vec):
+                            chunk[v] = W[layer, src, (it * threads + tx) * vec + v]
+                        for v in T.vectorized(vec):
+                            W[layer, dst, (it * threads + tx) * vec + v] = chunk[v]
+        else:
+            for task in T.parallel(n * num_layers):
+                for w in range(words):
+                    W[task % num_layers, Dst[task // num_layers], w] = W[
+                        task % num_layers, Src[task // num_layers], w]
+
+    width = D * kv_bits // 8
+    if kv_bits == 16:
+
+        @T.prim_func
+        def func(data_h: T.handle, src_h: T.handle, dst_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int32()
+            num_layers = T.int32()
+            num_pages = T.int32()
+            Data = T.match_buffer(data_h, (num_layers, num_pages, 2, HKV, P, D), "float16")
+            Src = T.match_buffer(src_h, (n,), "int32")
+            Dst = T.match_buffer(dst_h, (n,), "int32")
+            copy(Data, Src, Dst, n, num_layers, num_pages, words[0], math.gcd(words[0], 4))
+
+    else:
+
+        @T.prim_func
+        def func(codes_h: T.handle, sz_h: T.handle, src_h: T.handle, dst_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int32()
+            num_layers = T.int32()
+            num_pages = T.int32()
+            Codes = T.match_buffer(codes_h, (num_layers, num_pages, 2, HKV, P, width), "uint8")
+            SZ = T.match_buffer(sz_h, (num_layers, num_pages, 2, HKV, P, 2), "float16")
+            Src = T.match_buffer(src_h, (n,), "int32")
+            Dst = T.match_buffer(dst_h, (n,), "int32")
+            copy(Codes, Src, Dst, n, num_layers, num_pages, words[0], math.gcd(words[0], 4))
+            copy(SZ, Src, Dst, n, num_layers, num_pages, words[1], math.gcd(words[1], 4))
+
+    name = f"kv_copy_pages_int{kv_bits}_kv{HKV}_d{D}_p{P}_{variant}"
     return func.with_attr("global_symbol", name)
 
 
@@ -755,15 +903,14 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
     G, S = HQ // HKV, CUDA_DECODE_SPLITS
     E, C, Z = _decode_cuda_layout(kv_bits, G, D)
     threads = G * C * Z
-    words = D * kv_bits // 32  # uint32 words of a K or V row
     sm_scale = float(np.float32(1 / math.sqrt(D)))
 
     @T.macro
     def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
         # 32-bit views of the pages: a chunk is 4 words, a row's (scale, zero) is one word.
-        KVW = T.decl_buffer((codes.shape[0], 2, HKV, P, words), "uint32", data=codes.data)
+        KVW = _word_view(codes)
         if kv_bits != 16:
-            SZW = T.decl_buffer((codes.shape[0], 2, HKV, P), "uint32", data=scale_zero.data)
+            SZW = _word_view(scale_zero)
         part_ml = T.decl_buffer((B, HQ, S, 2), "float32")
         part_acc = T.decl_buffer((B, HQ, S, D), "float32")
         with T.launch_thread("blockIdx.x", B * HKV * S) as task:
@@ -810,8 +957,8 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
                     for w in T.vectorized(4):
                         vw[w] = KVW[page, 1, hk, j % P, x * 4 + w]
                     if kv_bits != 16:
-                        ksz[0] = SZW[page, 0, hk, j % P]
-                        vsz[0] = SZW[page, 1, hk, j % P]
+                        ksz[0] = SZW[page, 0, hk, j % P, 0]
+                        vsz[0] = SZW[page, 1, hk, j % P, 0]
                 dot: T.float32 = T.float32(0)
                 for e in T.unroll(E):
                     dot = dot + qr[e] * _dequant(kv_bits, kw, ksz, e)
