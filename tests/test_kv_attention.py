@@ -35,13 +35,17 @@ HEADS = [(9, 3, 64), (32, 8, 128), (32, 32, 128)]
 NUM_LAYERS = 2
 #: The layer each KV width works on (the last one for two widths: its offset is not 0).
 LAYER = {4: 1, 8: 0, 16: 1}
+#: Llama 3.1's RoPE scaling (its theta is 500000).
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+SCALINGS = {None: None, "llama3": LLAMA3}
 
 
 @functools.lru_cache(maxsize=None)
-def _tvm_rope(hq: int, hkv: int, dim: int):
+def _tvm_rope(hq: int, hkv: int, dim: int, theta: float = THETA, scaling: str | None = None):
     from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
-    func = llama_rope_with_position_map(THETA, 1.0, dim, hq, hkv, "float16", {})
+    func = llama_rope_with_position_map(theta, 1.0, dim, hq, hkv, "float16", SCALINGS[scaling] or {})
     run = tvm.compile(func, tvm.target.Target({"kind": "llvm"}))[func.attrs["global_symbol"]]
 
     def rope(qkv, positions):
@@ -53,10 +57,10 @@ def _tvm_rope(hq: int, hkv: int, dim: int):
     return rope
 
 
-def _assert_rope_close(x, positions, want):
+def _assert_rope_close(x, positions, want, theta=THETA, scaling=None):
     """rope_ref(x) within one float16 ulp of ``want`` plus a float32 slack: where cos x + sin rot
     cancels, a last-bit difference of libm's cos/sin is large relative to the result."""
-    got = kva.rope_ref(x, positions, THETA).astype(np.float64)
+    got = kva.rope_ref(x, positions, theta, SCALINGS[scaling]).astype(np.float64)
     x = x.astype(np.float64)
     half = x.shape[-1] // 2
     terms = np.abs(x) + np.abs(np.concatenate([x[..., half:], x[..., :half]], axis=-1))
@@ -72,9 +76,10 @@ def _gpu_arch() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, kv_bits: int, hq: int, hkv: int, dim: int, variant: str = "cpu"):
-    extra = (THETA,) if kind == "append" else ()
-    func = getattr(kva, kind)(kv_bits, hq, hkv, dim, *extra, variant=variant)
+def _kernel(kind: str, kv_bits: int, hq: int, hkv: int, dim: int, variant: str = "cpu",
+            theta: float = THETA, scaling: str | None = None):
+    extra = {"rope_theta": theta, "rope_scaling": SCALINGS[scaling]} if kind == "append" else {}
+    func = getattr(kva, kind)(kv_bits, hq, hkv, dim, variant=variant, **extra)
     archs = (_gpu_arch(),) if variant == "cuda" else ()
     return build(func, variant, archs)[func.attrs["global_symbol"]]
 
@@ -109,6 +114,32 @@ def _garbage_pages(rng, num_pages, hkv, dim, kv_bits):
     return tuple(pages)
 
 
+def _append_and_check(rng, kv_bits, heads, pos, slots, pages, ref_pages, layer, variant,
+                      theta=THETA, scaling=None):
+    """Appends random qkv rows at ``pos``/``slots`` of ``layer`` into the device ``pages``,
+    checks q_rot and all pages bit for bit; returns (q_rot, the new reference pages)."""
+    hq, hkv, dim = heads
+    dev = pages[0].device
+    # K and V spread over a few orders of magnitude across tokens, as real activations.
+    qkv = (rng.standard_normal((len(pos), hq + 2 * hkv, dim))
+           * rng.uniform(0.1, 4, (len(pos), 1, 1))).astype(np.float16)
+    q_tvm, k_tvm, v = _tvm_rope(hq, hkv, dim, theta, scaling)(qkv, pos)
+    _assert_rope_close(qkv[:, :hq], pos, q_tvm, theta, scaling)
+    _assert_rope_close(qkv[:, hq:hq + hkv], pos, k_tvm, theta, scaling)
+    if variant == "cuda":
+        # The cuda append rotates with correctly rounded pow/cos/sin (see its docstring).
+        q_tvm = kva.rope_ref(qkv[:, :hq], pos, theta, SCALINGS[scaling])
+        k_tvm = kva.rope_ref(qkv[:, hq:hq + hkv], pos, theta, SCALINGS[scaling])
+    ref_pages = kva.write_pages_ref(ref_pages, layer, slots, k_tvm, v, kv_bits)
+    q_rot = tvm.runtime.tensor(np.zeros((len(pos), hq, dim), np.float16), dev)
+    append = _kernel("append", kv_bits, hq, hkv, dim, variant, theta, scaling)
+    append(*[tvm.runtime.tensor(a, dev) for a in (qkv, pos, slots)], *pages, layer, q_rot)
+    np.testing.assert_array_equal(q_rot.numpy().view(np.uint16), q_tvm.view(np.uint16))
+    for got, want in zip(pages, ref_pages):
+        np.testing.assert_array_equal(got.numpy().view(np.uint8), want.view(np.uint8))
+    return q_rot, ref_pages
+
+
 def _run(kv_bits, heads, prefix, new, seed, decode=False, variant="cpu"):
     hq, hkv, dim = heads
     layer = LAYER[kv_bits]
@@ -118,7 +149,6 @@ def _run(kv_bits, heads, prefix, new, seed, decode=False, variant="cpu"):
     ref_pages = _garbage_pages(rng, num_pages, hkv, dim, kv_bits)
     dev = tvm.cuda(0) if variant == "cuda" else tvm.cpu()
     pages = [tvm.runtime.tensor(p, dev) for p in ref_pages]
-    append = _kernel("append", kv_bits, hq, hkv, dim, variant)
     q_rot = None
     written = []
     for start, stop in ((np.zeros_like(prefix), prefix), (prefix, lengths)):
@@ -126,23 +156,8 @@ def _run(kv_bits, heads, prefix, new, seed, decode=False, variant="cpu"):
         if not len(pos):
             continue
         written.append(slots)
-        # K and V spread over a few orders of magnitude across tokens, as real activations.
-        qkv = (rng.standard_normal((len(pos), hq + 2 * hkv, dim))
-               * rng.uniform(0.1, 4, (len(pos), 1, 1))).astype(np.float16)
-        q_tvm, k_tvm, v = _tvm_rope(hq, hkv, dim)(qkv, pos)
-        _assert_rope_close(qkv[:, :hq], pos, q_tvm)
-        _assert_rope_close(qkv[:, hq:hq + hkv], pos, k_tvm)
-        if variant == "cuda":
-            # The cuda append rotates with correctly rounded pow/cos/sin (see its docstring).
-            q_tvm = kva.rope_ref(qkv[:, :hq], pos, THETA)
-            k_tvm = kva.rope_ref(qkv[:, hq:hq + hkv], pos, THETA)
-        ref_pages = kva.write_pages_ref(ref_pages, layer, slots, k_tvm, v, kv_bits)
-        q_rot = tvm.runtime.tensor(np.zeros((len(pos), hq, dim), np.float16), dev)
-        append(*[tvm.runtime.tensor(a, dev) for a in (qkv, pos, slots)], *pages, layer, q_rot)
-        np.testing.assert_array_equal(q_rot.numpy().view(np.uint16), q_tvm.view(np.uint16))
-        for got, want in zip(pages, ref_pages):
-            np.testing.assert_array_equal(got.numpy().view(np.uint8), want.view(np.uint8))
-
+        q_rot, ref_pages = _append_and_check(rng, kv_bits, heads, pos, slots, pages, ref_pages,
+                                             layer, variant)
     q = q_rot.numpy()
     qo_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
     ref = kva.attention_ref(q, qo_indptr, ref_pages, layer, indptr, indices, last, kv_bits)
@@ -189,14 +204,41 @@ def test_prefill(kv_bits, heads):
     _run(kv_bits, heads, prefix, new, seed=kv_bits * 11 + heads[0])
 
 
+@pytest.mark.parametrize("variant", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kv_bits", [4, 16])
+@pytest.mark.parametrize("heads", HEADS[:2], ids=lambda h: f"{h[0]}q{h[1]}kv_d{h[2]}")
+def test_append_llama3_rope(kv_bits, heads, variant):
+    """Llama 3.1's scaled RoPE: q and the pages bit for bit as with the default RoPE, at
+    positions across the scaled, smoothed and unscaled frequency bands' periods."""
+    rng = np.random.default_rng(kv_bits + heads[0])
+    num_pages = 40
+    dev = tvm.cuda(0) if variant == "cuda" else tvm.cpu()
+    ref_pages = _garbage_pages(rng, num_pages, heads[1], heads[2], kv_bits)
+    pages = [tvm.runtime.tensor(p, dev) for p in ref_pages]
+    slots = rng.permutation(num_pages * P)[:300].astype(np.int32)
+    pos = np.concatenate([np.arange(100), rng.integers(100, 130000, 200)]).astype(np.int32)
+    _append_and_check(rng, kv_bits, heads, pos, slots, pages, ref_pages, 1, variant,
+                      theta=500000.0, scaling="llama3")
+
+
+def test_rejects_unknown_rope_scaling():
+    with pytest.raises(UserError, match="yarn"):
+        kva.append(4, 32, 8, 128, 1e4, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(UserError, match="low_freq_factor"):
+        kva.append(4, 32, 8, 128, 1e4, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+
+
 def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
-    """Every cuda append, decode and copy_pages of the test shapes in one module, SASS for both archs."""
+    """Every cuda append (llama3 RoPE too), decode and copy_pages of the test shapes in one
+    module, SASS for both archs."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed (CUDA toolkit needed to build --target cuda)")
     funcs = [getattr(kva, kind)(bits, *heads, *((THETA,) if kind == "append" else ()), variant="cuda")
              for kind in ("append", "decode") for bits in kva.KV_BITS for heads in HEADS]
     funcs += [kva.copy_pages(bits, heads[1], heads[2], variant="cuda") for bits in kva.KV_BITS
               for heads in HEADS]
+    funcs.append(kva.append(4, 32, 8, 128, 500000.0, variant="cuda", rope_scaling=LLAMA3)
+                 .with_attr("global_symbol", "kv_append_llama3_cuda"))
     exe = build(tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs}), "cuda", ("sm_80", "sm_90a"))
     lib = tmp_path / "kv_attention.so"
     exe.export_library(str(lib))

@@ -41,9 +41,13 @@ slot ``page * P + offset``.
 
 Numerics (what the ``*_ref`` functions compute)
 -----------------------------------------------
-* RoPE is TVM's Llama RoPE (``llama_rope_with_position_map``, rotate-half, default scaling)
-  operation by operation in float32: ``freq = float32(pos) / pow(float32(theta),
-  float32((2 d) % D) / float32(D))``, ``y = cos(freq) * x[d] + sin(freq) * rot[d]`` with
+* RoPE is TVM's Llama RoPE (``llama_rope_with_position_map``, rotate-half, default or llama3
+  scaling) operation by operation in float32: ``e = float32((2 d) % D) / float32(D)``, default
+  ``freq = float32(pos) / pow(float32(theta), e)``; llama3 (``rope_scaling`` with rope_type
+  "llama3") ``f = 1 / pow(theta, e)``, ``smooth = max(0, min(1, alpha * f - beta))``, ``freq =
+  float32(pos) * ((1 - smooth) * f * (1 / factor) + smooth * f)`` with ``alpha = orig_max /
+  (2 pi) / (high - low)``, ``beta = low / (high - low)`` and ``1 / factor`` rounded to float32
+  from float64 as TVM rounds them; then ``y = cos(freq) * x[d] + sin(freq) * rot[d]`` with
   ``rot[d] = -x[d + D/2]`` for ``d < D/2`` and ``x[d - D/2]`` above, rounded to float16. The
   kernels call the target's ``powf``/``cosf``/``sinf`` exactly as TVM's kernel does, so on one
   target the rotated q, and the K an FP16 cache holds, are bit for bit the numbers TVM's own KV
@@ -203,8 +207,10 @@ def _word_view(pages):
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_ref(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """float16 RoPE of ``x [n, H, D]`` at ``positions [n]``, TVM's float32 operations.
+def rope_ref(x: np.ndarray, positions: np.ndarray, theta: float,
+             rope_scaling: dict | None = None) -> np.ndarray:
+    """float16 RoPE of ``x [n, H, D]`` at ``positions [n]``, TVM's float32 operations
+    (``rope_scaling`` as `append` takes it).
 
     ``pow``, ``cos`` and ``sin`` are taken in float64 and rounded to float32 (what a correctly
     rounded libm returns). The kernels call the target's libm, as TVM's RoPE kernel does; it is
@@ -216,7 +222,15 @@ def rope_ref(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     d = np.arange(dim)
     exponent = ((2 * d) % dim).astype(np.float32) / np.float32(dim)
     denom = np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
-    freq = np.asarray(positions).astype(np.float32)[:, None] / denom[None, :]
+    pos = np.asarray(positions).astype(np.float32)[:, None]
+    llama3 = _llama3_constants(rope_scaling)
+    if llama3 is None:
+        freq = pos / denom[None, :]
+    else:
+        alpha, beta, inv_factor = (np.float32(c) for c in llama3)
+        orig = np.float32(1) / denom
+        smooth = np.clip(alpha * orig - beta, np.float32(0), np.float32(1))
+        freq = pos * ((np.float32(1) - smooth) * orig * inv_factor + smooth * orig)[None, :]
     cos = np.cos(freq.astype(np.float64)).astype(np.float32)[:, None, :]
     sin = np.sin(freq.astype(np.float64)).astype(np.float32)[:, None, :]
     half = dim // 2
@@ -243,12 +257,12 @@ def write_pages_ref(pages: tuple, layer: int, slots: np.ndarray, k: np.ndarray, 
 
 def append_ref(qkv: np.ndarray, positions: np.ndarray, slots: np.ndarray, pages: tuple,
                layer: int, num_q_heads: int, num_kv_heads: int, rope_theta: float,
-               kv_bits: int) -> tuple[np.ndarray, tuple]:
+               kv_bits: int, rope_scaling: dict | None = None) -> tuple[np.ndarray, tuple]:
     """What `append` computes: ``(q_rot, new pages)``; ``pages`` is not modified."""
     qkv = np.asarray(qkv, np.float16)
     hq, hkv = num_q_heads, num_kv_heads
-    q_rot = rope_ref(qkv[:, :hq], positions, rope_theta)
-    k_rot = rope_ref(qkv[:, hq:hq + hkv], positions, rope_theta)
+    q_rot = rope_ref(qkv[:, :hq], positions, rope_theta, rope_scaling)
+    k_rot = rope_ref(qkv[:, hq:hq + hkv], positions, rope_theta, rope_scaling)
     return q_rot, write_pages_ref(pages, layer, slots, k_rot, qkv[:, hq + hkv:], kv_bits)
 
 
@@ -330,10 +344,39 @@ def _code(x, zero, recip, qmax: int):
     return T.bitwise_and(T.reinterpret("int32", t + T.float32(_ROUND_MAGIC)), 255)
 
 
-def _rope(x, s, h, d, pos, dim: int, theta: float):
-    """float32 RoPE of element d of x[s, h, :] at position pos (module docstring formula)."""
-    freq = T.Cast("float32", pos) / T.pow(
-        T.float32(theta), T.Cast("float32", (d * 2) % dim) / T.float32(dim))
+def _llama3_constants(rope_scaling: dict | None) -> tuple[float, float, float] | None:
+    """(alpha, beta, 1 / factor) of llama3 RoPE scaling, each rounded to float32 from the
+    float64 value TVM's ``rope_freq_llama3`` computes; None for the default RoPE."""
+    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise UserError(f"RoPE scaling {rope_type!r} is not supported; use 'llama3' or none")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in rope_scaling]
+    if missing:
+        raise UserError(f"llama3 rope_scaling lacks {', '.join(missing)}; give all of {', '.join(keys)}")
+    factor, low, high, orig_max = (float(rope_scaling[k]) for k in keys)
+    if factor <= 0 or high <= low:
+        raise UserError(f"llama3 rope_scaling needs factor > 0 and high_freq_factor > "
+                        f"low_freq_factor, got {factor}, {low}, {high}")
+    inv_diff = 1.0 / (high - low)
+    return tuple(float(np.float32(c)) for c in (orig_max / (2 * math.pi) * inv_diff,
+                                                 low * inv_diff, 1.0 / factor))
+
+
+def _rope(x, s, h, d, pos, dim: int, theta: float, llama3):
+    """float32 RoPE of element d of x[s, h, :] at position pos (module docstring formula);
+    ``llama3`` is `_llama3_constants`' answer."""
+    exponent = T.Cast("float32", (d * 2) % dim) / T.float32(dim)
+    if llama3 is None:
+        freq = T.Cast("float32", pos) / T.pow(T.float32(theta), exponent)
+    else:
+        alpha, beta, inv_factor = llama3
+        orig = T.float32(1) / T.pow(T.float32(theta), exponent)
+        smooth = T.max(T.float32(0), T.min(T.float32(1), T.float32(alpha) * orig - T.float32(beta)))
+        freq = T.Cast("float32", pos) * ((T.float32(1) - smooth) * orig * T.float32(inv_factor)
+                                         + smooth * orig)
     rot = T.if_then_else(d < dim // 2, -x[s, h, d + dim // 2], x[s, h, d - dim // 2])
     return T.cos(freq) * T.Cast("float32", x[s, h, d]) + T.sin(freq) * T.Cast("float32", rot)
 
@@ -344,8 +387,11 @@ def _rope(x, s, h, d, pos, dim: int, theta: float):
 
 
 def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float,
-           page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
-    """RoPE + quantize-into-pages. Arguments: ``qkv float16 [n, H_q + 2 H_kv, D]``,
+           page_size: int = PAGE_SIZE, variant: str = "cpu",
+           rope_scaling: dict | None = None) -> tirx.PrimFunc:
+    """RoPE + quantize-into-pages. ``rope_scaling``: None (or rope_type "default") or a Hugging
+    Face llama3 dict (rope_type "llama3", factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings). Arguments: ``qkv float16 [n, H_q + 2 H_kv, D]``,
     ``positions int32 [n]``, ``slots int32 [n]`` (page * P + offset), the page buffers of
     `page_shapes` (written in place at the slots of layer ``layer``), ``layer int32``, ``q_rot
     float16 [n, H_q, D]`` (written)."""
@@ -356,9 +402,10 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
     # float32(1 / qmax) rounded once, as formats rounds it.
     inv_qmax = float(np.float32(1 / qmax))
     theta = float(np.float32(rope_theta))
+    llama3 = _llama3_constants(rope_scaling)
 
     if variant == "cuda":
-        body = _append_cuda_body(kv_bits, HQ, HKV, D, theta, P)
+        body = _append_cuda_body(kv_bits, HQ, HKV, D, theta, llama3, P)
     else:
         @T.macro
         def store_row(row, codes, scale_zero, page, which, head, off):
@@ -394,12 +441,12 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
                 page = Slots[s] // P
                 off = Slots[s] % P
                 for h, d in T.grid(HQ, D):
-                    QRot[s, h, d] = T.Cast("float16", _rope(QKV, s, h, d, Pos[s], D, theta))
+                    QRot[s, h, d] = T.Cast("float16", _rope(QKV, s, h, d, Pos[s], D, theta, llama3))
                 for h in range(HKV):
                     # K is rounded to float16 first: the value an FP16 cache would hold.
                     for d in range(D):
                         row[d] = T.Cast("float32", T.Cast(
-                            "float16", _rope(QKV, s, HQ + h, d, Pos[s], D, theta)))
+                            "float16", _rope(QKV, s, HQ + h, d, Pos[s], D, theta, llama3)))
                     store_row(row, codes, scale_zero, page, 0, h, off)
                     for d in range(D):
                         row[d] = T.Cast("float32", QKV[s, HQ + HKV + h, d])
@@ -771,6 +818,12 @@ def _fdiv(a, b):
     return T.call_pure_extern("float32", "__fdiv_rn", a, b)
 
 
+def _rn(op: str, a, b):
+    """float32 a op b rounded to nearest and never fused into an FMA (nvcc's --use_fast_math
+    would contract a * b + c)."""
+    return T.call_pure_extern("float32", f"__f{op}_rn", a, b)
+
+
 def _chunk_value(kv_bits: int, words, e: int):
     """float32 code (or float16 value) of element e of a 16-byte chunk held as 4 uint32 words;
     4-bit codes sit low nibble first, so element e is bits 4e.. of the little-endian words."""
@@ -793,7 +846,7 @@ def _dequant(kv_bits: int, words, sz, e: int):
     return value * T.Cast("float32", scale) + T.Cast("float32", zero)
 
 
-def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, P: int):
+def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, llama3, P: int):
     """The cuda variant of `append`: one block per token, one warp per row of q, K or V.
 
     Lane ``i`` holds elements ``i*E .. i*E+E-1`` (E = D / 32), so RoPE's partner element
@@ -801,7 +854,8 @@ def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, P: 
     ``pow``, ``cos`` and ``sin`` are taken in float64 and rounded to float32, the other steps
     with the round-to-nearest intrinsics, because nvcc's --use_fast_math (which TVM passes)
     turns float32 ``cosf``/``sinf``/``powf`` into approximations off by ~1e-4 at large
-    positions; so the rotated q and K are `rope_ref`'s correctly rounded values.
+    positions; so the rotated q and K are `rope_ref`'s correctly rounded values (llama3
+    scaling's float32 steps are taken with the same intrinsics, in TVM's order).
     """
     E, warps, rows, half = D // _WARP, _APPEND_WARPS, HQ + 2 * HKV, D // 2
     qmax = (1 << kv_bits) - 1
@@ -819,9 +873,20 @@ def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, P: 
             page = Slots[s] // P
             off = Slots[s] % P
             if tx < half:
+                # (2 tx) / D is exact in float32 and float64 alike (D is a power of two).
                 denom = T.Cast("float32", T.pow(T.float64(theta), T.Cast("float64", tx * 2)
                                                 / T.float64(D)))
-                freq = T.Cast("float64", _fdiv(T.Cast("float32", Pos[s]), denom))
+                pos = T.Cast("float32", Pos[s])
+                if llama3 is None:
+                    freq = T.Cast("float64", _fdiv(pos, denom))
+                else:
+                    alpha, beta, inv_factor = llama3
+                    orig = _fdiv(T.float32(1), denom)
+                    smooth = T.max(T.float32(0), T.min(T.float32(1), _rn(
+                        "sub", _rn("mul", T.float32(alpha), orig), T.float32(beta))))
+                    freq = T.Cast("float64", _rn("mul", pos, _rn("add", _rn("mul", _rn(
+                        "mul", _rn("sub", T.float32(1), smooth), orig), T.float32(inv_factor)),
+                        _rn("mul", smooth, orig))))
                 cs[tx] = T.Cast("float32", T.cos(freq))
                 sn[tx] = T.Cast("float32", T.sin(freq))
             T.tvm_storage_sync("shared")
@@ -838,9 +903,7 @@ def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, P: 
                             partner = _shuffle_xor(y[e], 16)
                             rot = T.Select(lane < 16, -partner, partner)
                             i = (lane * E + e) % half
-                            y[e] = T.call_pure_extern("float32", "__fadd_rn", T.call_pure_extern(
-                                "float32", "__fmul_rn", cs[i], y[e]), T.call_pure_extern(
-                                "float32", "__fmul_rn", sn[i], rot))
+                            y[e] = _rn("add", _rn("mul", cs[i], y[e]), _rn("mul", sn[i], rot))
                     if r < HQ:
                         for e in T.unroll(E):
                             QRot[s, r, lane * E + e] = T.Cast("float16", y[e])
