@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", required=True, help="llvm (CPU) or cuda")
     p.add_argument("--arch", default="", help="CUDA archs, comma separated, e.g. sm_80,sm_89,sm_90a")
     p.add_argument("--quantization", default="fp16", help=f"one of {', '.join(QUANTIZATIONS)} (fp32: llvm only)")
+    p.add_argument("--kv-cache", default="tvm",
+                   help="tvm (TVM's paged cache in the model dtype) or Atom's quantized pages: int4, int8, fp16")
     p.add_argument("-o", "--output", required=True, type=Path, help="package directory to create")
     p.add_argument("--context-window-size", type=int, default=None,
                    help="max tokens per sequence (default: the model's, capped at 4096)")
@@ -79,13 +81,19 @@ def validate(args: argparse.Namespace):
         if args.arch:
             raise UserError("--arch is for --target cuda only")
         archs = []
+    atom_kv = None
+    if args.kv_cache != "tvm":
+        from relax_models.atom_kv_cache import AtomKVConfig
+
+        atom_kv = AtomKVConfig(args.kv_cache, cfg.num_hidden_layers, cfg.num_attention_heads,
+                               cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     check_output_dir(args.output, args.force)
     ctx = args.context_window_size or min(cfg.max_position_embeddings, 4096)
     if ctx < 16 or args.prefill_chunk_size < 1:
         raise UserError("--context-window-size must be >= 16 and --prefill-chunk-size >= 1")
     args.context_window_size = ctx
     args.prefill_chunk_size = min(args.prefill_chunk_size, ctx)
-    return cfg, make_target(args.target, archs), archs
+    return cfg, make_target(args.target, archs), archs, atom_kv
 
 
 def chat_config(args, cfg, model_dir: Path, lib_name: str) -> dict:
@@ -117,6 +125,7 @@ def chat_config(args, cfg, model_dir: Path, lib_name: str) -> dict:
         "context_window_size": args.context_window_size,
         "prefill_chunk_size": args.prefill_chunk_size,
         "page_size": DEFAULT_PAGE_SIZE,
+        "kv_cache": args.kv_cache,
         "conv_template": conv,
         "chat_template": chat_template,
         "tokenizer_files": [p.name for p in read_tokenizer_files(model_dir)],
@@ -134,7 +143,7 @@ def chat_config(args, cfg, model_dir: Path, lib_name: str) -> dict:
 
 def build(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    cfg, target, archs = validate(args)
+    cfg, target, archs, atom_kv = validate(args)
     progress = Progress(5)
     progress(f"model {args.model.name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
              f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
@@ -150,7 +159,8 @@ def build(argv: list[str] | None = None) -> Path:
                                  metadata={"model_type": "llama", "quantization": args.quantization,
                                            "context_window_size": args.context_window_size,
                                            "prefill_chunk_size": args.prefill_chunk_size,
-                                           "page_size": DEFAULT_PAGE_SIZE})
+                                           "page_size": DEFAULT_PAGE_SIZE},
+                                 atom_kv=atom_kv)
         progress(f"weights: {len(expected)} tensors as {QUANTIZATIONS[args.quantization]}")
         cache = package.write_tensor_cache(tmp, iter_params(args.model, expected))
         for f in read_tokenizer_files(args.model):

@@ -19,6 +19,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from relax_models.atom_kv_cache import AtomKVConfig
 from relax_models.llama import LlamaConfig, LlamaForCausalLM
 from tir_kernels.cpu_gemm import CPUGemm
 
@@ -79,8 +80,9 @@ def _pipeline(target: Target, metadata: dict) -> tvm.transform.Pass:
     ])
 
 
-def export_model(cfg: LlamaConfig, dtype: str, target: Target) -> tuple[tvm.IRModule, list[ParamSpec]]:
-    model = LlamaForCausalLM(cfg, dtype, target)
+def export_model(cfg: LlamaConfig, dtype: str, target: Target,
+                 atom_kv: AtomKVConfig | None = None) -> tuple[tvm.IRModule, list[ParamSpec]]:
+    model = LlamaForCausalLM(cfg, dtype, target, atom_kv)
     model.to(dtype)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
@@ -88,14 +90,19 @@ def export_model(cfg: LlamaConfig, dtype: str, target: Target) -> tuple[tvm.IRMo
 
 
 def compile_model(cfg: LlamaConfig, dtype: str, target: Target, archs: list[str], lib_path: Path,
-                  metadata: dict) -> list[ParamSpec]:
-    """Compile and export the library; returns the (name, shape, dtype) of each parameter it takes."""
-    mod, params = export_model(cfg, dtype, target)
+                  metadata: dict, atom_kv: AtomKVConfig | None = None) -> list[ParamSpec]:
+    """Compile and export the library; returns the (name, shape, dtype) of each parameter it takes.
+    ``atom_kv`` builds in Atom's quantized KV cache instead of TVM's."""
+    mod, params = export_model(cfg, dtype, target, atom_kv)
+    kv_layout = {"kind": "tvm", "num_hidden_layers": cfg.num_hidden_layers,
+                 "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+                 "head_dim": cfg.head_dim}
+    if atom_kv is not None:
+        kv_layout = atom_kv.to_json()
     metadata = {
         **metadata,
         "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in params],
-        "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-                     "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "dtype": dtype},
+        "kv_cache": {**kv_layout, "dtype": dtype},
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
     }

@@ -92,7 +92,8 @@ def hf_model_for(args: argparse.Namespace, report: dict):
     from atom_tvm.quantization.calibrate import CalibrationStats, calibrate, load_float_model
     from atom_tvm.quantization.simulate import preset, simulate
 
-    cfg = preset(args.quantization or "fp16", group_size=args.group_size, n_outliers=args.n_outliers)
+    cfg = preset(args.quantization or "fp16", group_size=args.group_size, n_outliers=args.n_outliers,
+                 kv_bits=args.kv_bits)
     report["config"] = dataclasses.asdict(cfg)
     stats = calib = None
     if cfg.needs_calibration and args.stats:
@@ -129,7 +130,10 @@ def run_ppl(args: argparse.Namespace) -> dict:
         if args.window > config["context_window_size"]:
             raise UserError(f"--window {args.window} exceeds the package's context window "
                             f"({config['context_window_size']}); pass a smaller --window")
-        report.update(kind="package", quantization=built)
+        if args.kv_bits is not None:
+            raise UserError(f"--kv-bits is for simulations; {model}'s KV cache ({config.get('kv_cache', 'tvm')}) "
+                            "is fixed at build time (python -m atom_tvm.build --kv-cache)")
+        report.update(kind="package", quantization=built, kv_cache=config.get("kv_cache", "tvm"))
         logits = package_window_logits(ChatModel(model, args.device))
     else:
         report.update(kind="hf", quantization=args.quantization or "fp16")
@@ -151,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ppl.add_argument("--group-size", type=int, default=None, help="override the preset's group size (64, 128, 0)")
     ppl.add_argument("--n-outliers", type=int, default=None, help="override the preset's outlier channel count")
+    ppl.add_argument("--kv-bits", type=int, default=None,
+                     help="override the preset's KV cache bits (4, 8 or 16) in a simulation")
     ppl.add_argument("--calib-text", default=None, help="calibration text (default: the train split of --text)")
     ppl.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     ppl.add_argument("--calib-window-length", type=int, default=2048, help="calibration window length")

@@ -5,8 +5,10 @@ The module exports MLC-LLM's function names (`embed`, `prefill`, `decode`, `batc
 from it is laid out like an MLC package. Linear layers are plain `nn.Linear`: a quantization scheme
 swaps them out with a module mutator, so this file knows nothing of quantization.
 
-Attention goes through TVM's paged KV cache (`TIRPagedKVCache`), which applies RoPE (with theta and
-llama3-style frequency scaling) to q and k itself.
+Attention goes through a paged KV cache that applies RoPE (theta, llama3-style frequency scaling)
+to q and k itself: TVM's (`TIRPagedKVCache`, pages in the model's dtype, an opaque runtime object) or
+Atom's (`relax_models.atom_kv_cache`: INT4/INT8/FP16 pages, passed as a tuple of tensors). The layers
+call `attention_with_fused_qkv` on either; only the entry points' cache argument differs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from atom_tvm.errors import UserError
+from relax_models.atom_kv_cache import AtomKVConfig, AtomPagedKVCache, copy_pages, create_pages
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -116,7 +119,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
         self.o_proj = nn.Linear(self.num_q_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+    def forward(self, x: Tensor, kv: PagedKVCache | AtomPagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
@@ -142,7 +145,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+    def forward(self, x: Tensor, kv: PagedKVCache | AtomPagedKVCache, layer_id: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -153,16 +156,19 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
 
-    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+    def forward(self, x: Tensor, kv: PagedKVCache | AtomPagedKVCache) -> Tensor:
         for layer_id, layer in enumerate(self.layers):
             x = layer(x, kv, layer_id)
         return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama with MLC-LLM's entry points; hidden states in `dtype`, logits always float32."""
+    """Llama with MLC-LLM's entry points; hidden states in `dtype`, logits always float32.
 
-    def __init__(self, cfg: LlamaConfig, dtype: str, target: Target):
+    ``atom_kv`` selects Atom's quantized cache; without it the entry points take TVM's.
+    """
+
+    def __init__(self, cfg: LlamaConfig, dtype: str, target: Target, atom_kv: AtomKVConfig | None = None):
         self.cfg = cfg
         self.model = LlamaModel(cfg)
         self.tie_word_embeddings = cfg.tie_word_embeddings
@@ -170,6 +176,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.dtype = dtype
         self.target = target
+        self.atom_kv = atom_kv
+
+    def _cache(self, paged_kv_cache, decode: bool):
+        if self.atom_kv is None:
+            return paged_kv_cache
+        return AtomPagedKVCache(self.atom_kv, self.target, paged_kv_cache, decode)
 
     def get_logits(self, hidden_states: Tensor) -> Tensor:
         if self.tie_word_embeddings:
@@ -181,9 +193,9 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+    def prefill(self, input_embed: Tensor, paged_kv_cache):
         """One sequence's prompt chunk: logits of its last token."""
-        hidden = self.model(input_embed, paged_kv_cache)
+        hidden = self.model(input_embed, self._cache(paged_kv_cache, decode=False))
 
         def last_token(x: te.Tensor) -> te.Tensor:
             b, s, h = x.shape
@@ -192,18 +204,18 @@ class LlamaForCausalLM(nn.Module):
         hidden = op.tensor_expr_op(last_token, "last_token", [hidden])
         return self.get_logits(hidden), paged_kv_cache
 
-    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.model(input_embed, paged_kv_cache)
+    def decode(self, input_embed: Tensor, paged_kv_cache):
+        hidden = self.model(input_embed, self._cache(paged_kv_cache, decode=True))
         return self.get_logits(hidden), paged_kv_cache
 
-    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache):
         """Ragged prompts packed into one row; logits at `logit_positions` (one per sequence)."""
-        hidden = self.model(input_embeds, paged_kv_cache)
+        hidden = self.model(input_embeds, self._cache(paged_kv_cache, decode=False))
         picked = op.take(hidden, logit_positions, axis=1)
         return self.get_logits(picked), paged_kv_cache
 
-    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.model(input_embeds, paged_kv_cache)
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache):
+        hidden = self.model(input_embeds, self._cache(paged_kv_cache, decode=True))
         return self.get_logits(hidden), paged_kv_cache
 
     def create_paged_kv_cache(
@@ -213,8 +225,13 @@ class LlamaForCausalLM(nn.Module):
         prefill_chunk_size: tirx.Var,
         page_size: tirx.Var,
         support_sliding_window: tirx.Var,
-    ) -> PagedKVCache:
+    ):
+        """TVM's cache object, or Atom's page buffers for ``max_total_seq_len`` tokens (whole pages;
+        Atom's page size is the one its kernels were built for, and the runtime checks it)."""
         cfg = self.cfg
+        if self.atom_kv is not None:
+            p = self.atom_kv.page_size
+            return create_pages(self.atom_kv, (max_total_seq_len + p - 1) // p)
         return TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
@@ -241,6 +258,10 @@ class LlamaForCausalLM(nn.Module):
             target=self.target,
         )
 
+    def copy_kv_pages(self, kv_pages, src_pages: Tensor, dst_pages: Tensor):
+        """Atom cache only: page ``src_pages[i]`` of every layer copied onto ``dst_pages[i]``, in place."""
+        return copy_pages(self.atom_kv, self.target, list(kv_pages), src_pages, dst_pages)
+
     def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
         b, s, v = logits.shape
         scaled = logits / op.reshape(temperature, (b, 1, 1))
@@ -248,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         h, d = self.cfg.hidden_size, self.dtype
-        kv = nn.spec.Object(object_type=PagedKVCache)
+        kv = nn.spec.Object(object_type=PagedKVCache) if self.atom_kv is None else self.atom_kv.spec()
         mod_spec = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"),
                       "$": {"param_mode": "packed", "effect_mode": "none"}},
@@ -273,4 +294,10 @@ class LlamaForCausalLM(nn.Module):
                 "temperature": nn.spec.Tensor(["batch_size"], "float32"),
                 "$": {"param_mode": "none", "effect_mode": "none"}},
         }
+        if self.atom_kv is not None:
+            mod_spec["copy_kv_pages"] = {
+                "kv_pages": self.atom_kv.spec()[:len(self.atom_kv.page_buffers(1))],
+                "src_pages": nn.spec.Tensor(["num_copies"], "int32"),
+                "dst_pages": nn.spec.Tensor(["num_copies"], "int32"),
+                "$": {"param_mode": "none", "effect_mode": "none"}}
         return nn.spec.ModuleSpec.from_raw(mod_spec, self)

@@ -84,8 +84,8 @@ def test_llvm_package_layout(tmp_path, tiny_model_dir):
                "get_logits", "softmax_with_temperature", "_metadata"):
         assert chat.vm[fn] is not None
     meta = chat.metadata
-    assert meta["kv_cache"] == {"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                "head_dim": 16, "dtype": "float32"}
+    assert meta["kv_cache"] == {"kind": "tvm", "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "head_dim": 16, "dtype": "float32"}
     assert {p["name"] for p in meta["params"]} >= {"model.layers.0.self_attn.qkv_proj.weight", "lm_head.weight"}
     assert meta["memory_usage"]["prefill"] > 0
 

@@ -19,6 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from atom_tvm import package
 from atom_tvm.errors import UserError
+from atom_tvm.runtime.kv_cache import open_kv_cache
 from atom_tvm.runtime.tvm_libs import load_runtime_cuda
 
 _SEQ_ID = 0  # the chat runtime holds one conversation; batching comes with the serving engine
@@ -60,8 +61,8 @@ def sample_token(probs: np.ndarray, top_p: float, rng: np.random.Generator) -> i
     return int(order[rng.choice(keep, p=kept)])
 
 
-class ChatModel:
-    """One package loaded on one device, with one conversation's KV cache."""
+class LoadedPackage:
+    """A package's library, weights, tokenizer and config, loaded on one device (no KV cache)."""
 
     def __init__(self, package_dir: str | Path, device: str = "cpu"):
         self.package_dir = Path(package_dir)
@@ -87,20 +88,8 @@ class ChatModel:
         self.tokenizer = self._load_tokenizer()
         eos = self.config["eos_token_id"]
         self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-        self._fns = {name: self.vm[name] for name in
-                     ("embed", "prefill", "decode", "batch_prefill", "softmax_with_temperature")}
-        shape = tvm_ffi.Shape
-        self.kv_cache = self.vm["create_paged_kv_cache"](
-            shape([1]), shape([self.context_window_size]), shape([self.prefill_chunk_size]),
-            shape([self.config.get("page_size", 16)]), shape([0]))
-        self._begin = tvm_ffi.get_global_func("vm.builtin.kv_state_begin_forward")
-        self._end = tvm_ffi.get_global_func("vm.builtin.kv_state_end_forward")
-        self._num_cached = 0
-        # The last token `generate` yielded is part of the conversation but not yet in the cache:
-        # it is fed at the start of the next `generate` (or dropped by `reset`).
-        self._pending: list[int] = []
-        self._kv_builtin("vm.builtin.kv_state_add_sequence", _SEQ_ID)
-        self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+        self.fns = {name: self.vm[name] for name in ("embed", "prefill", "decode", "batch_prefill",
+                                                      "batch_decode", "softmax_with_temperature")}
 
     def _load_tokenizer(self):
         from tokenizers import Tokenizer
@@ -110,8 +99,32 @@ class ChatModel:
             raise UserError(f"{path}: missing; rebuild the package")
         return Tokenizer.from_file(str(path))
 
-    def _kv_builtin(self, name: str, *args):
-        return tvm_ffi.get_global_func(name)(self.kv_cache, *args)
+    def open_kv_cache(self, max_batch: int, max_total_tokens: int):
+        """A fresh KV cache for up to ``max_batch`` sequences holding ``max_total_tokens`` tokens."""
+        return open_kv_cache(self.vm, self.device, self.metadata, max_batch=max_batch,
+                             max_total_tokens=max_total_tokens, prefill_chunk=self.prefill_chunk_size)
+
+    def embed(self, token_ids, rows: int = 1) -> tvm.runtime.Tensor:
+        """Embeddings of ``token_ids`` as ``[rows, len / rows, hidden]`` (the entry points' input)."""
+        ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
+        embed = self.fns["embed"](ids, self.params)
+        return embed._create_view(tvm_ffi.Shape([rows, len(token_ids) // rows, self.hidden_size]))
+
+
+class ChatModel:
+    """One package loaded on one device, with one conversation's KV cache."""
+
+    def __init__(self, package_dir: str | Path, device: str = "cpu"):
+        self.model = model = LoadedPackage(package_dir, device)
+        self.config, self.tokenizer, self.vm, self.metadata = model.config, model.tokenizer, model.vm, model.metadata
+        self.context_window_size, self.prefill_chunk_size = model.context_window_size, model.prefill_chunk_size
+        self.kv_cache = self.model.open_kv_cache(max_batch=1, max_total_tokens=self.context_window_size)
+        self._num_cached = 0
+        # The last token `generate` yielded is part of the conversation but not yet in the cache:
+        # it is fed at the start of the next `generate` (or dropped by `reset`).
+        self._pending: list[int] = []
+        self.kv_cache.add_sequence(_SEQ_ID)
+        self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
 
     @property
     def num_cached_tokens(self) -> int:
@@ -119,25 +132,23 @@ class ChatModel:
         return self._num_cached + len(self._pending)
 
     def reset(self) -> None:
-        self._kv_builtin("vm.builtin.kv_state_remove_sequence", _SEQ_ID)
-        self._kv_builtin("vm.builtin.kv_state_add_sequence", _SEQ_ID)
+        self.kv_cache.remove_sequence(_SEQ_ID)
+        self.kv_cache.add_sequence(_SEQ_ID)
         self._num_cached = 0
         self._pending = []
 
     def _forward(self, fn: str, token_ids: list[int], *extra) -> tvm.runtime.Tensor:
         """Run `prefill`, `decode` or `batch_prefill` (whose `extra` is the logit positions) on tokens
         appended to the sequence; float32 logits [1, positions, vocab]."""
-        ids = tvm.runtime.tensor(np.asarray(token_ids, dtype="int32"), self.device)
-        embed = self._fns["embed"](ids, self.params)
-        embed = embed._create_view(tvm_ffi.Shape([1, len(token_ids), self.hidden_size]))
-        self._begin(self.kv_cache, tvm_ffi.Shape([_SEQ_ID]), tvm_ffi.Shape([len(token_ids)]))
+        embed = self.model.embed(token_ids)
+        kv = self.kv_cache.begin_forward([_SEQ_ID], [len(token_ids)])
         try:
-            logits, _ = self._fns[fn](embed, *extra, self.kv_cache, self.params)
+            logits, _ = self.model.fns[fn](embed, *extra, kv, self.model.params)
         except BaseException:  # Ctrl-C included: undo the append so the cache matches _num_cached
-            self._end(self.kv_cache)
-            self._kv_builtin("vm.builtin.kv_state_popn", _SEQ_ID, len(token_ids))
+            self.kv_cache.end_forward()
+            self.kv_cache.popn(_SEQ_ID, len(token_ids))
             raise
-        self._end(self.kv_cache)
+        self.kv_cache.end_forward()
         self._num_cached += len(token_ids)
         return logits
 
@@ -154,7 +165,7 @@ class ChatModel:
         rows = []
         for start in range(0, len(token_ids), self.prefill_chunk_size):
             chunk = token_ids[start:start + self.prefill_chunk_size]
-            positions = tvm.runtime.tensor(np.arange(len(chunk), dtype="int32"), self.device)
+            positions = tvm.runtime.tensor(np.arange(len(chunk), dtype="int32"), self.model.device)
             rows.append(self._forward("batch_prefill", chunk, positions).numpy()[0])
         return np.concatenate(rows, axis=0)
 
@@ -165,8 +176,8 @@ class ChatModel:
     def _next_token(self, logits: tvm.runtime.Tensor, gen: GenerationConfig, rng) -> int:
         if gen.temperature <= 0:
             return int(np.argmax(logits.numpy().reshape(-1)))
-        temp = tvm.runtime.tensor(np.array([gen.temperature], dtype="float32"), self.device)
-        probs = self._fns["softmax_with_temperature"](logits, temp).numpy().reshape(-1)
+        temp = tvm.runtime.tensor(np.array([gen.temperature], dtype="float32"), self.model.device)
+        probs = self.model.fns["softmax_with_temperature"](logits, temp).numpy().reshape(-1)
         return sample_token(probs, gen.top_p, rng)
 
     def check_fits(self, n_new: int) -> None:
@@ -180,7 +191,7 @@ class ChatModel:
     def generate(self, new_token_ids: list[int], gen: GenerationConfig) -> Iterator[int]:
         """Append `new_token_ids`, then yield sampled tokens until a stop token, max_tokens or a full window."""
         self.check_fits(len(new_token_ids))
-        stops = set(gen.stop_token_ids) | set(self.eos_token_ids)
+        stops = set(gen.stop_token_ids) | set(self.model.eos_token_ids)
         rng = np.random.default_rng(gen.seed)
         stats = {"prefill_tokens": len(new_token_ids), "decode_tokens": 0, "decode_seconds": 0.0}
         t0 = time.perf_counter()
