@@ -1,4 +1,4 @@
-"""Quantized paged KV cache kernels (CPU builds; the cuda append and decode on a GPU) against the float64 "append then attend" reference.
+"""Quantized paged KV cache kernels (CPU builds; the cuda variants on a GPU) against the float64 "append then attend" reference.
 
 Every case appends a prefix, then the new tokens, into shuffled (non-contiguous) pages of one
 layer of a multi-layer cache whose unused slots (and other layers) hold garbage, and checks:
@@ -190,9 +190,10 @@ def test_append_and_decode(kv_bits, heads, variant):
          variant=variant)
 
 
+@pytest.mark.parametrize("variant", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kv_bits", kva.KV_BITS)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv_d{h[2]}")
-def test_prefill(kv_bits, heads):
+def test_prefill(kv_bits, heads, variant):
     # (cached prefix, new tokens): fresh prompts ending before, on and after a page boundary,
     # continuations starting mid-page and on a boundary, a sequence with no new token, and a
     # long cached prefix with a chunk of new tokens.
@@ -200,8 +201,11 @@ def test_prefill(kv_bits, heads):
              (5, 120), (700, 33)]
     if heads == HEADS[0]:
         cases.append((3990, 10))
+    if variant == "cuda":
+        # Fresh prompts of many query tiles; 4000 tokens where the float64 reference stays small.
+        cases += [(0, 4000 if heads == HEADS[0] else 1500), (1000, 517)]
     prefix, new = (np.array(c) for c in zip(*cases))
-    _run(kv_bits, heads, prefix, new, seed=kv_bits * 11 + heads[0])
+    _run(kv_bits, heads, prefix, new, seed=kv_bits * 11 + heads[0], variant=variant)
 
 
 @pytest.mark.parametrize("variant", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -229,12 +233,12 @@ def test_rejects_unknown_rope_scaling():
 
 
 def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
-    """Every cuda append (llama3 RoPE too), decode and copy_pages of the test shapes in one
+    """Every cuda append (llama3 RoPE too), decode, prefill and copy_pages of the test shapes in one
     module, SASS for both archs."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed (CUDA toolkit needed to build --target cuda)")
     funcs = [getattr(kva, kind)(bits, *heads, *((THETA,) if kind == "append" else ()), variant="cuda")
-             for kind in ("append", "decode") for bits in kva.KV_BITS for heads in HEADS]
+             for kind in ("append", "decode", "prefill") for bits in kva.KV_BITS for heads in HEADS]
     funcs += [kva.copy_pages(bits, heads[1], heads[2], variant="cuda") for bits in kva.KV_BITS
               for heads in HEADS]
     funcs.append(kva.append(4, 32, 8, 128, 500000.0, variant="cuda", rope_scaling=LLAMA3)

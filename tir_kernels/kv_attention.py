@@ -75,7 +75,7 @@ whose partial (max, sum, accumulator) a second parallel loop merges, so a batch 
 sequence still fills the cores. `prefill`: one task per (new token, KV head), which walks the
 pages up to its causal limit.
 
-``cuda`` (hand-written TIR with explicit threads; `prefill` has none yet and refuses it):
+``cuda`` (hand-written TIR with explicit threads):
 `decode`: one block per (sequence, KV head, split) over `CUDA_DECODE_SPLITS` page ranges, so a
 page of K/V is read once for all G query heads of its group. A thread owns one 16-byte chunk
 (32 / 16 / 8 elements at 4 / 8 / 16 bits) of one token row for one query head; the C chunk
@@ -89,6 +89,14 @@ bit for bit (``__frcp_rn`` for the reciprocal), but RoPE takes pow/cos/sin in fl
 `_append_cuda_body`), so its rotated q and K are `rope_ref`'s values, which differ from the
 cpu variant's libm RoPE by one float16 ulp on a few values per million (and the K codes of
 those rows may then differ); tested bit-exact against `rope_ref` and `write_pages_ref`.
+`prefill` (16-token pages): one block of 128 threads per (tile of 64 // G new tokens of one
+sequence, KV head), so the 64 query rows of a tile (tokens x the G heads of the group) share
+each page it reads; per page the block dequantizes K and V into shared memory as float32,
+scores 8 rows x 1 token per thread (float4 shared loads), takes the page's max and sum per row
+by shuffles (the cpu variant's per-page online softmax), and accumulates P.V in registers (4
+rows x D/8 columns per thread). All arithmetic is float32 on CUDA cores: fp16 tensor-core
+operands would round the dequantized K/V and P to 11 bits, far outside the tolerance the cpu
+variant meets. `copy_pages`: one block per (pair, layer), 16-byte copies.
 """
 
 from __future__ import annotations
@@ -643,16 +651,8 @@ def decode(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     return func.with_attr("global_symbol", name)
 
 
-def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-            page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
-    """Causal ragged prefill attention. Arguments: ``q float16 [n, H_q, D]`` (rotated),
-    ``qo_indptr int32 [B+1]``, the page buffers, ``layer int32``, ``page_indptr``, ``page_indices``,
-    ``last_page_len`` (the pages already hold the n new tokens), ``out float16 [n, H_q, D]``."""
-    _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
-    _check_variant(variant)
-    if variant == "cuda":
-        raise UserError("prefill has no cuda variant yet; use variant='cpu'")
-    HQ, HKV, D, P = num_q_heads, num_kv_heads, head_dim, page_size
+def _prefill_cpu_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
+    """The cpu variant of `prefill`: one parallel task per (new token, KV head)."""
     G = HQ // HKV
     attend = _attend_macro(kv_bits, HQ, HKV, D, P)
 
@@ -676,6 +676,22 @@ def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                    kv_end, m, l, acc)
             for g, d in T.grid(G, D):
                 Out[i, hk * G + g, d] = T.Cast("float16", acc[g, d] / l[g])
+
+    return body
+
+
+def prefill(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+            page_size: int = PAGE_SIZE, variant: str = "cpu") -> tirx.PrimFunc:
+    """Causal ragged prefill attention. Arguments: ``q float16 [n, H_q, D]`` (rotated),
+    ``qo_indptr int32 [B+1]``, the page buffers, ``layer int32``, ``page_indptr``, ``page_indices``,
+    ``last_page_len`` (the pages already hold the n new tokens), ``out float16 [n, H_q, D]``."""
+    _check(kv_bits, num_q_heads, num_kv_heads, head_dim, page_size)
+    _check_variant(variant)
+    HQ, HKV, D, P = num_q_heads, num_kv_heads, head_dim, page_size
+    if variant == "cuda":
+        body = _prefill_cuda_body(kv_bits, HQ, HKV, D, P)
+    else:
+        body = _prefill_cpu_body(kv_bits, HQ, HKV, D, P)
 
     width = D * kv_bits // 8
     if kv_bits == 16:
@@ -1075,6 +1091,177 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
             Out[bh // HQ, bh % HQ, d] = T.Cast("float16", _fdiv(o, lb))
 
     return body
+
+
+#: Query rows (query token, query head of the group) a cuda prefill block holds.
+_PREFILL_ROWS = 64
+#: Threads of a cuda prefill block.
+_PREFILL_THREADS = 128
+#: Rows a thread owns in the P.V step (its accumulator is these rows x D / (threads / (R / 4))).
+_PV_ROWS = 4
+
+
+def _prefill_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
+    """The cuda variant of `prefill` (Variants in the module docstring has the layout).
+
+    A block takes a tile of TQ = R // G consecutive new tokens of one sequence and one KV head,
+    so its R = TQ * G query rows share every page it reads. Per page: the block dequantizes K and
+    V (16-byte loads, tokens past the tile's causal end zeroed so that stale page slots never
+    reach the arithmetic) into shared memory; thread (row group, token t) scores its rows against
+    token t, the P lanes of a row group reduce the page's max and sum by XOR shuffles (the online
+    softmax of the cpu variant, per page), write the probabilities over the K slot; then thread
+    (4 rows, D / 8 columns) adds P.V into its register accumulator.
+    """
+    G = HQ // HKV
+    R, threads = _PREFILL_ROWS, _PREFILL_THREADS
+    if P != 16:
+        raise UserError(f"the cuda prefill kernel is built for 16-token pages, not {P}; use page_size=16")
+    if G > R:
+        raise UserError(f"a GQA group of {G} query heads is too large for the cuda prefill kernel")
+    TQ = R // G
+    RQ = R * P // threads  # rows a thread scores (against one token)
+    DG = threads // (R // _PV_ROWS)  # column groups of the P.V step
+    DT = D // DG  # columns a thread accumulates
+    E = 128 // kv_bits  # elements of a 16-byte chunk
+    CR = D // E  # chunks of a K or V row
+    chunks = 2 * P * CR
+    sm_scale = float(np.float32(1 / math.sqrt(D)))
+    # K during the scores, then P [P, R] and the rows' corrections [R] (and finally l).
+    kp_size = max(P * D, P * R + R)
+
+    @T.macro
+    def body(Q, QoIndptr, codes, scale_zero, Indptr, Indices, LastLen, Out, n, B):
+        KVW = _word_view(codes)
+        if kv_bits != 16:
+            SZW = _word_view(scale_zero)
+        # Tiles of all sequences in order; n / TQ + B bounds their number (one partial per sequence).
+        with T.launch_thread("blockIdx.x", ((n + TQ - 1) // TQ + B) * HKV) as task:
+            tx = T.launch_thread("threadIdx.x", threads)
+            qs = T.alloc_shared((R, D), "float32")
+            kp = T.alloc_shared((kp_size,), "float32")
+            vs = T.alloc_shared((P, D), "float32")
+            words = T.alloc_local((4,), "uint32")
+            sz = T.alloc_local((1,), "uint32")
+            q4 = T.alloc_local((4,), "float32")
+            k4 = T.alloc_local((4,), "float32")
+            p4 = T.alloc_local((4,), "float32")
+            v4 = T.alloc_local((4,), "float32")
+            score = T.alloc_local((RQ,), "float32")
+            m = T.alloc_local((RQ,), "float32")
+            l = T.alloc_local((RQ,), "float32")
+            corr = T.alloc_local((RQ,), "float32")
+            acc = T.alloc_local((_PV_ROWS * DT,), "float32")
+            slot = task // HKV
+            hk = task % HKV
+            b: T.int32 = -1
+            tile: T.int32 = 0
+            first: T.int32 = 0
+            for bb in range(B):
+                tiles = (QoIndptr[bb + 1] - QoIndptr[bb] + TQ - 1) // TQ
+                if b < 0 and slot < first + tiles:
+                    b = bb
+                    tile = slot - first
+                first = first + tiles
+            if b >= 0:
+                q0 = QoIndptr[b] + tile * TQ
+                count = T.min(TQ, QoIndptr[b + 1] - q0)
+                # Query i of the tile sees tokens [0, base + i + 1); the tile, [0, base + count).
+                base = ((Indptr[b + 1] - Indptr[b] - 1) * P + LastLen[b]
+                        - (QoIndptr[b + 1] - QoIndptr[b]) + tile * TQ)
+                t = tx % P
+                rg = tx // P
+                pr = tx // DG
+                dg = tx % DG
+                for i in range(R * D // threads):
+                    r = (i * threads + tx) // D
+                    qs[r, (i * threads + tx) % D] = T.if_then_else(
+                        r < count * G, T.Cast("float32", Q[q0 + r // G, hk * G + r % G,
+                                                           (i * threads + tx) % D]), T.float32(0))
+                for i in T.unroll(RQ):
+                    m[i] = T.float32(_NEG_BIG)
+                    l[i] = T.float32(0)
+                for i in T.unroll(_PV_ROWS * DT):
+                    acc[i] = T.float32(0)
+                for pi in range((base + count + P - 1) // P):
+                    page = Indices[Indptr[b] + pi]
+                    for c in range((chunks + threads - 1) // threads):
+                        if c * threads + tx < chunks:
+                            ci = c * threads + tx
+                            which = ci // (P * CR)
+                            tok = ci // CR % P
+                            x = ci % CR
+                            for w in T.vectorized(4):
+                                words[w] = KVW[page, which, hk, tok, x * 4 + w]
+                            if kv_bits != 16:
+                                sz[0] = SZW[page, which, hk, tok, 0]
+                            for e in T.unroll(E):
+                                value = T.if_then_else(pi * P + tok < base + count,
+                                                       _dequant(kv_bits, words, sz, e), T.float32(0))
+                                if which == 0:
+                                    kp[tok * D + x * E + e] = value
+                                else:
+                                    vs[tok, x * E + e] = value
+                    T.tvm_storage_sync("shared")
+                    for i in T.unroll(RQ):
+                        score[i] = T.float32(0)
+                    for d4 in range(D // 4):
+                        for e in T.vectorized(4):
+                            k4[e] = kp[t * D + d4 * 4 + e]
+                        for i in T.unroll(RQ):
+                            for e in T.vectorized(4):
+                                q4[e] = qs[rg * RQ + i, d4 * 4 + e]
+                            for e in T.unroll(4):
+                                score[i] = score[i] + q4[e] * k4[e]
+                    for i in T.unroll(RQ):
+                        # Masked tokens score _NEG_BIG: e^(s - m) is then 0, and token 0 of
+                        # page 0 is visible to every row, so m is finite from the first page on.
+                        s = T.if_then_else(pi * P + t < base + (rg * RQ + i) // G + 1,
+                                           score[i] * T.float32(sm_scale), T.float32(_NEG_BIG))
+                        page_max: T.float32 = s
+                        for k in T.unroll(int(math.log2(P))):
+                            page_max = T.max(page_max, _shuffle_xor(page_max, P >> (k + 1)))
+                        m_new: T.float32 = T.max(m[i], page_max)
+                        p: T.float32 = T.exp(s - m_new)
+                        page_sum: T.float32 = p
+                        for k in T.unroll(int(math.log2(P))):
+                            page_sum = page_sum + _shuffle_xor(page_sum, P >> (k + 1))
+                        score[i] = p
+                        corr[i] = T.exp(m[i] - m_new)
+                        l[i] = l[i] * corr[i] + page_sum
+                        m[i] = m_new
+                    # P and the corrections reach the P.V threads through the K slot.
+                    T.tvm_storage_sync("shared")
+                    for i in T.unroll(RQ):
+                        kp[t * R + rg * RQ + i] = score[i]
+                        if t == 0:
+                            kp[P * R + rg * RQ + i] = corr[i]
+                    T.tvm_storage_sync("shared")
+                    for i in T.unroll(_PV_ROWS):
+                        for j in T.unroll(DT):
+                            acc[i * DT + j] = acc[i * DT + j] * kp[P * R + pr * _PV_ROWS + i]
+                    for tok in range(P):
+                        for e in T.vectorized(4):
+                            p4[e] = kp[tok * R + pr * _PV_ROWS + e]
+                        for j4 in T.unroll(DT // 4):
+                            for e in T.vectorized(4):
+                                v4[e] = vs[tok, dg * DT + j4 * 4 + e]
+                            for i in T.unroll(_PV_ROWS):
+                                for e in T.unroll(4):
+                                    acc[i * DT + j4 * 4 + e] = acc[i * DT + j4 * 4 + e] + p4[i] * v4[e]
+                    T.tvm_storage_sync("shared")
+                if t == 0:
+                    for i in T.unroll(RQ):
+                        kp[rg * RQ + i] = l[i]
+                T.tvm_storage_sync("shared")
+                for i in T.unroll(_PV_ROWS):
+                    r = pr * _PV_ROWS + i
+                    if r < count * G:
+                        for j in T.unroll(DT):
+                            Out[q0 + r // G, hk * G + r % G, dg * DT + j] = T.Cast(
+                                "float16", _fdiv(acc[i * DT + j], kp[r]))
+
+    return body
+
 
 def _check_variant(variant: str):
     if variant not in VARIANTS:
