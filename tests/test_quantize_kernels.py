@@ -284,6 +284,26 @@ def test_assert_close_catches_a_wrong_code(rng):
         assert_close(got, ref, values, 64, 128)
 
 
+# ------------------------------------------------------------------------------ CUDA layout
+
+
+@pytest.mark.parametrize("slots", (2, 4, 8))
+def test_staged_words_are_a_conflict_free_permutation(slots):
+    """The reordering CUDA kernels' shared-memory layout: every 8-channel chunk's words are a
+    permutation of the chunk, and the 16-byte staging stores of a quarter-warp (8 lanes with
+    consecutive chunks, same piece) fall into 8 different 16-byte bank groups."""
+    k = 4096
+    channels = np.arange(k)
+    words = qk.swizzled_word(channels, slots)
+    np.testing.assert_array_equal(np.sort(words.reshape(-1, 8), axis=1), channels.reshape(-1, 8))
+    per_piece = 8 // slots
+    for piece in range(slots):
+        starts = qk.swizzled_word(channels[::8] + piece * per_piece, slots)
+        assert (starts % per_piece == 0).all()  # 16-byte aligned
+        bank_groups = (starts * 2 * slots // 16 % 8).reshape(-1, 8)
+        assert (np.sort(bank_groups, axis=1) == np.arange(8)).all(), f"piece {piece}"
+
+
 # ------------------------------------------------------------------------------ CUDA builds
 
 

@@ -49,15 +49,16 @@ Variants
 --------
 ``cpu``: an LLVM build with the same numerics, one parallel task per token row; CI proves the
 kernels' indexing, packing and rounding with it. ``cuda``: hand-written TIR with explicit
-threads, one thread block per token row: 128 threads for the two reordering kernels, 256 for
-SiLU-mul. Each thread owns 8 consecutive channels per step (one 16-byte fp16 load, one 4-byte
+threads. Each thread owns 8 consecutive channels per step (one 16-byte fp16 load, one 4-byte
 store of packed INT4), so an INT4 group of 64 / 128 channels is 8 / 16 consecutive lanes of one
 warp and its absmax is a 3 / 4-step XOR shuffle; the outlier block's absmax and the RMSNorm sum
 of squares are block reductions (warp shuffles, then the warp results through shared memory).
-The reordering kernels stage the input row in shared memory with contiguous 16-byte loads and
-gather from there; RMSNorm stages each channel's x and w as one 32-bit word, so one gather
-fetches both (rows wider than 12288 channels, whose words would not fit in 48 KiB, gather w from
-global memory instead).
+SiLU-mul: one block of 256 threads per row, straight from global memory. The two reordering
+kernels: one block of 128 threads (the LANES of the sum) per R rows, R = 2 for reorder and 3
+for RMSNorm (1 above 6144 channels; `word_slots`). The block stages its rows in shared memory
+interleaved, one word per channel holding that channel of every row (and of the RMSNorm
+weight), so that one gather through the reorder index serves all R rows; see
+`_cuda_reorder_kernel` for why, and `swizzled_word` for the bank layout.
 """
 
 from __future__ import annotations
@@ -101,8 +102,17 @@ _INT8 = (-128, 127)
 _ROUND_MAGIC = 1.5 * 2**23
 #: Threads per row of the SiLU-mul kernel.
 _SILU_THREADS = 256
-#: Static shared memory a CUDA block may use on every supported arch.
-_MAX_STATIC_SHARED = 48 * 1024
+#: float16 slots per staged shared-memory word of the reordering CUDA kernels (rows per block,
+#: plus w for RMSNorm), as measured best on the H200 at H = 4096 (docs/bench/quantize_kernels.md):
+#: reorder 2 (two rows, 17 KiB of shared memory per block, 10 blocks per SM), RMSNorm 4 (three
+#: rows, amortizing the per-row block reductions and square roots). Fewer slots mean more blocks
+#: per SM, more rows share the gathers and the index reads; 8 lost for both (3 blocks per SM).
+_SLOTS = {"reorder": 2, "rmsnorm": 4}
+#: Staged rows beyond this many bytes per block take fewer slots (occupancy) ...
+_STAGE_BYTES = 48 * 1024
+#: ... down to 2, which may use up to this much (dynamic shared memory, which TVM's runtime grants
+#: beyond the 48 KiB default; within the 99 KiB a block may have on sm_86/sm_89).
+_MAX_STAGE_BYTES = 96 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,11 +289,20 @@ def build(func: tirx.PrimFunc, variant: str, archs: tuple[str, ...] = ("sm_90a",
 # ---------------------------------------------------------------------------------------------
 
 
+def _scale(absmax, const: float):
+    """float16(absmax * float32(clip / qmax))."""
+    return T.Cast("float16", absmax * T.float32(const))
+
+
+def _reciprocal_or_zero(scale, reciprocal):
+    """What codes multiply by: the float16 scale's correctly rounded reciprocal, 0 for scale 0."""
+    return T.Select(scale == T.float16(0), T.float32(0), reciprocal(T.Cast("float32", scale)))
+
+
 @T.macro
 def _scale_and_reciprocal(scale, recip, absmax, const, reciprocal):
-    # float16(absmax * float32(clip / qmax)); codes use the float16 value's exact reciprocal.
-    scale = T.Cast("float16", absmax * T.float32(const))
-    recip = T.Select(scale == T.float16(0), T.float32(0), reciprocal(T.Cast("float32", scale)))
+    scale = _scale(absmax, const)
+    recip = _reciprocal_or_zero(scale, reciprocal)
 
 
 def _cpu_reciprocal(x):
@@ -291,10 +310,19 @@ def _cpu_reciprocal(x):
 
 
 def _cuda_reciprocal(x):
-    """Correctly rounded 1 / x even under nvcc's --use_fast_math, which TVM passes by default
-    and which turns a plain ``1.0f / x`` into the approximate MUFU.RCP (wrong by one ulp for
-    some scales, which moves codes that sit on a rounding tie)."""
-    return T.call_pure_extern("float32", "__frcp_rn", x)
+    """Correctly rounded 1 / x for 2**-126 <= |x| < 2**126, under any nvcc flags.
+
+    TVM compiles with --use_fast_math, which turns a plain ``1.0f / x`` into the approximate
+    MUFU.RCP (one ulp off for some scales, which moves codes that sit on a rounding tie).
+    ``__frcp_rn`` is correct, but branches to a slow path for huge and tiny x, and those branches
+    cut the quantizers' straight-line code, so the compiler can no longer overlap the rows' and
+    chunks' latency chains. This is the fast path of ``__frcp_rn`` itself (the same SASS:
+    MUFU.RCP, then one Newton step in FMAs), which ``__frcp_rn`` takes for exactly this range of x;
+    every x here is in it: float16 scales (2**-24 .. 65504) and RMSNorm's sqrt(mean + eps).
+    """
+    approx = T.call_pure_extern("float32", "__fdividef", T.float32(1), x)
+    error = T.call_pure_extern("float32", "__fmaf_rn", -x, approx, T.float32(1))
+    return T.call_pure_extern("float32", "__fmaf_rn", approx, error, approx)
 
 
 def _cuda_rms_reciprocal(sumsq, k: int, eps: float):
@@ -318,12 +346,25 @@ def _code(value, recip, lo: int, hi: int):
     return T.reinterpret("int32", t + T.float32(_ROUND_MAGIC))
 
 
-def _nibbles(codes, n: int):
-    """Pack n INT4 codes (`_code` words) into an int32, code 2j in the low nibble of byte j."""
-    word = T.bitwise_and(codes[0], 15)
-    for e in range(1, n):
-        word = T.bitwise_or(word, T.shift_left(T.bitwise_and(codes[e], 15), 4 * e))
-    return word
+def _byte_perm(x, y, selector: int):
+    """CUDA's __byte_perm (one PRMT): byte i of the result is byte ``selector`` nibble i of the
+    8 bytes (x low, y high)."""
+    return T.call_pure_extern("uint32", "__byte_perm", x, y, T.uint32(selector))
+
+
+def _nibbles(codes):
+    """Pack 8 INT4 codes (`_code` words, the code in the low byte) into a uint32, code 2j in the
+    low nibble of byte j: the low bytes of the even and of the odd codes gathered by byte
+    permutes (3 each), then one shift and one masked merge; half the bit operations of
+    shifting and or-ing each code into place."""
+    def low_bytes(a, b, c, d):  # bytes (a, b, c, d) <- low bytes of the four words
+        return _byte_perm(_byte_perm(a, b, 0x0040), _byte_perm(c, d, 0x0040), 0x5410)
+
+    words = [T.reinterpret("uint32", c) for c in codes]
+    even = low_bytes(*words[0::2])
+    odd = low_bytes(*words[1::2])
+    return T.bitwise_or(T.bitwise_and(even, T.uint32(0x0F0F0F0F)),
+                        T.bitwise_and(T.shift_left(odd, T.uint32(4)), T.uint32(0xF0F0F0F0)))
 
 
 def _silu(g):
@@ -469,7 +510,7 @@ def _cpu_kernel(spec: _Spec) -> tirx.PrimFunc:
 
 
 # ---------------------------------------------------------------------------------------------
-# cuda: one thread block per row, values in registers, shuffles for the reductions
+# cuda: explicit thread blocks, values in registers, shuffles for the reductions
 # ---------------------------------------------------------------------------------------------
 
 
@@ -477,145 +518,229 @@ def _shuffle_xor(value, lane_mask):
     return T.tvm_warp_shuffle_xor(T.uint32(_FULL_MASK), value, lane_mask, _WARP, _WARP)
 
 
-@T.macro
-def _warp_sum(v, width):
-    # XOR butterfly over aligned groups of `width` lanes: every lane ends with the same sum.
-    for s in T.unroll(int(math.log2(width))):
-        v = v + _shuffle_xor(v, T.shift_right(width, s + 1))
+def _packed_codes(vals, base, recip):
+    """The 8 INT4 codes of ``vals[base:base + 8]`` packed into one uint32 (little endian: byte j
+    = codes 2j, 2j+1), i.e. exactly 4 bytes of the q4 row."""
+    return _nibbles([_code(vals[base + e], recip, *_INT4) for e in range(VEC)])
+
+
+def _half(word, which):
+    """float32 of the float16 in half ``which`` (0: low 16 bits, 1: high) of a uint32."""
+    return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.shift_right(word, 16 * which))))
+
+
+def _pair(low, high):
+    """Two float16 as one uint32, ``low`` in the low 16 bits."""
+    return T.bitwise_or(T.Cast("uint32", T.reinterpret("uint16", low)),
+                        T.shift_left(T.Cast("uint32", T.reinterpret("uint16", high)), 16))
+
+
+def _add(a, b):
+    return a + b
 
 
 @T.macro
-def _warp_max(v, width):
+def _warp_reduce(v, rows, width, combine):
+    # XOR butterfly of v[0:rows] over aligned groups of `width` lanes: every lane ends with the
+    # results. Each round shuffles every row, so the rows' shuffle latencies overlap.
     for s in T.unroll(int(math.log2(width))):
-        v = T.max(v, _shuffle_xor(v, T.shift_right(width, s + 1)))
+        for r in T.unroll(rows):
+            v[r] = combine(v[r], _shuffle_xor(v[r], T.shift_right(width, s + 1)))
 
 
-def _packed_codes(vals, recip):
-    """The 8 INT4 codes of a lane's chunk packed into one uint32 (little endian: byte j = codes
-    2j, 2j+1), i.e. exactly 4 bytes of the q4 row."""
-    return T.Cast("uint32", _nibbles([_code(vals[e], recip, *_INT4) for e in range(VEC)], VEC))
+@T.macro
+def _block_reduce(v, rows, part, tx, warps, combine):
+    # v[r] for each of `rows` rows over the block: warp butterflies, the warp results through
+    # shared memory, and the same butterfly over the `warps` results (the order the module
+    # docstring states for the sum of squares). One barrier for all rows.
+    _warp_reduce(v, rows, _WARP, combine)
+    if tx % _WARP == 0:
+        for r in T.unroll(rows):
+            part[r * warps + tx // _WARP] = v[r]
+    T.tvm_storage_sync("shared")
+    for r in T.unroll(rows):
+        v[r] = part[r * warps + tx % warps]
+    _warp_reduce(v, rows, warps, combine)
 
 
-def _low_half(word):
-    """float32 of the float16 in the low 16 bits of a uint32."""
-    return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.bitwise_and(word, 0xFFFF))))
+@T.macro
+def _quantize_chunks(vals, rows, chunk, chunk_valid, row0, M, Q4w, S4, group_lanes, c4):
+    # One lane's 8 INT4 channels of each of `rows` rows (vals[r * 8 + e]): group absmax over the
+    # group's lanes, scale, 4 bytes of codes. Each step runs for all rows before the next, in
+    # straight-line code, so the rows' latency chains overlap. Every lane takes part in the
+    # shuffles; only lanes with a valid chunk and row store.
+    amax = T.alloc_local((rows,), "float32")
+    scale = T.alloc_local((rows,), "float16")
+    recip = T.alloc_local((rows,), "float32")
+    for r in T.unroll(rows):
+        amax[r] = T.float32(0)
+        for e in T.unroll(VEC):
+            amax[r] = T.max(amax[r], T.abs(vals[r * VEC + e]))
+    _warp_reduce(amax, rows, group_lanes, T.max)
+    for r in T.unroll(rows):
+        scale[r] = _scale(amax[r], c4)
+        recip[r] = _reciprocal_or_zero(scale[r], _cuda_reciprocal)
+    for r in T.unroll(rows):
+        if T.And(chunk_valid, row0 + r < M):
+            Q4w[row0 + r, chunk] = _packed_codes(vals, r * VEC, recip[r])
+            if chunk % group_lanes == 0:
+                S4[row0 + r, chunk // group_lanes] = scale[r]
 
 
-def _high_half(word):
-    return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.shift_right(word, 16))))
+@T.macro
+def _quantize_outliers(ov, rows, row0, M, tx, threads, o_steps, Q8, S8, part, n_outliers, c8):
+    # ov[step * rows + r]: outlier channel tx + step * threads of row row0 + r (0 past the end).
+    amax8 = T.alloc_local((rows,), "float32")
+    for r in T.unroll(rows):
+        amax8[r] = T.float32(0)
+        for step in T.unroll(o_steps):
+            amax8[r] = T.max(amax8[r], T.abs(ov[step * rows + r]))
+    _block_reduce(amax8, rows, part, tx, threads // _WARP, T.max)
+    scale8 = T.alloc_local((rows,), "float16")
+    recip8 = T.alloc_local((rows,), "float32")
+    for r in T.unroll(rows):
+        scale8[r] = _scale(amax8[r], c8)
+        recip8[r] = _reciprocal_or_zero(scale8[r], _cuda_reciprocal)
+    for r in T.unroll(rows):
+        if row0 + r < M:
+            for step in T.unroll(o_steps):
+                if tx + step * threads < n_outliers:
+                    Q8[row0 + r, tx + step * threads] = T.Cast(
+                        "int8", _code(ov[step * rows + r], recip8[r], *_INT8))
+            if tx == 0:
+                S8[row0 + r, 0] = scale8[r]
 
 
 def _cuda_kernel(spec: _Spec) -> tirx.PrimFunc:
+    if spec.kind == "silu":
+        return _cuda_silu_kernel(spec)
+    return _cuda_reorder_kernel(spec)
+
+
+def swizzled_word(i, slots: int):
+    """Shared-memory word of channel i (an int, numpy array or PrimExpr) in the reordering CUDA
+    kernels' staged rows, words of ``slots`` float16: a lane stores the 8 words of its chunk as
+    ``slots`` 16-byte pieces, and the 8 lanes of a quarter-warp (consecutive chunks, 8 * 2 *
+    slots bytes apart) would put piece p into only 8 / slots different 16-byte bank groups. XOR
+    the piece bits of i with the chunk number i >> 3 shifted down by them, and the quarter-warp's
+    pieces p land in 8 different bank groups (conflict-free stores); a chunk's words stay within
+    the chunk, and a gather pays one XOR."""
+    piece_bits = int(math.log2(VEC // slots))  # log2(words per 16-byte piece)
+    return i ^ (((i >> (3 + piece_bits)) & (slots - 1)) << piece_bits)
+
+
+def word_slots(kind: str, k: int) -> int:
+    """float16 slots per shared-memory word of a reordering CUDA kernel ("reorder" or "rmsnorm")
+    for K-channel rows (see `_cuda_reorder_kernel`)."""
+    slots = _SLOTS[kind]
+    while slots > 2 and 2 * slots * k > _STAGE_BYTES:
+        slots //= 2
+    if 2 * slots * k > _MAX_STAGE_BYTES:
+        raise UserError(f"channel count {k} needs {2 * slots * k} bytes of shared memory per block, "
+                        f"more than the {_MAX_STAGE_BYTES} a block may have on sm_80-sm_89")
+    return slots
+
+
+def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
+    """RMSNorm + reorder + quantize, or reorder + quantize: R rows per block of 128 threads.
+
+    The reorder is a random gather; from global memory it would touch a different 128-byte line
+    per lane, so the rows are staged in shared memory and gathered from there, where a warp's 32
+    random reads still hit the same bank ~3.5 times on average (one wavefront each). To spend
+    those wavefronts on several rows at once, the block stages R rows *interleaved*: the word of
+    channel i holds ``slots`` float16 values, x[i] of the R rows (and w[i] for RMSNorm), so one
+    8-byte (16-byte) gather fetches channel i of every row; ~6.2 (~10.3) wavefronts per warp-wide
+    8-byte (16-byte) gather, i.e. 1.5 (1.3) per row instead of 3.5. The reorder index is read
+    once per block, not per row. Staging stores are 16-byte pieces in the conflict-free order of
+    `swizzled_word`.
+    """
     K, N, O, G = spec.k, spec.normal, spec.n_outliers, spec.group_size
-    kind = spec.kind
+    rms = spec.kind == "rmsnorm"
     c4, c8, eps = spec.c4, spec.c8, spec.eps
-    # 128 threads (4 chunks of a 4096-wide row each) for the reordering kernels: their per-row
-    # fixed work (block reductions, scales) is spread over twice the channels per thread; on the
-    # H200 that measured 3-8% faster than 256 (docs/bench/quantize_kernels.md). SiLU-mul keeps
-    # 256 threads, with which it already streams at the copy bandwidth.
-    threads = _SILU_THREADS if kind == "silu" else LANES
-    warps = threads // _WARP
-    chunks = K // VEC  # 16-byte input chunks of a row (staged kernels)
-    in_steps = -(-chunks // threads)
+    slots = word_slots(spec.kind, K)
+    R = slots - 1 if rms else slots  # rows per block; RMSNorm's last slot carries w
+    wu = slots // 2  # uint32 per word
+    chunks = K // VEC  # 8-channel chunks of a row
+    in_steps = -(-chunks // LANES)
     q_chunks = N // VEC  # chunks of INT4 channels
-    q_steps = -(-q_chunks // threads)
-    o_steps = -(-O // threads)  # outlier channels a thread handles, one at a time
-    group_lanes = G // VEC  # consecutive threads that share one INT4 scale
-    # RMSNorm stages x and w of channel i as one 32-bit word (x low, w high), so that a single
-    # shared-memory gather fetches both; that needs 4 bytes per channel of the 48 KiB a block
-    # may have. Wider rows keep x alone in shared memory and gather w from global memory.
-    interleave = 4 * K <= _MAX_STATIC_SHARED
-    # Idle threads still take part in every shuffle (full-mask shuffles need all 32 lanes), so
-    # they run the arithmetic on zeros and only their loads and stores are guarded.
+    q_steps = -(-q_chunks // LANES)
+    o_steps = -(-O // LANES)  # outlier channels a lane handles, one at a time
+    group_lanes = G // VEC  # consecutive lanes that share one INT4 scale
+
+    def value(gw, e, r, rs):
+        """float32 input of row r at gathered channel e ((x * rs) * w for RMSNorm)."""
+        x = _half(gw[e * wu + r // 2], r % 2)
+        if rs is None:
+            return x
+        return (x * rs[r]) * _half(gw[e * wu + R // 2], R % 2)
 
     @T.macro
-    def block_sum(v, part, tx):
-        _warp_sum(v, _WARP)
-        if tx % _WARP == 0:
-            part[tx // _WARP] = v
-        T.tvm_storage_sync("shared")
-        v = part[tx % warps]
-        _warp_sum(v, warps)
-
-    @T.macro
-    def block_max(v, part, tx):
-        _warp_max(v, _WARP)
-        if tx % _WARP == 0:
-            part[tx // _WARP] = v
-        T.tvm_storage_sync("shared")
-        v = part[tx % warps]
-        _warp_max(v, warps)
-
-    @T.macro
-    def quantize_chunk(vals, tx, step, row, Q4w, S4):
-        amax: T.float32 = T.float32(0)
-        for e in T.unroll(VEC):
-            amax = T.max(amax, T.abs(vals[e]))
-        _warp_max(amax, group_lanes)
-        scale: T.float16 = T.float16(0)
-        recip: T.float32 = T.float32(0)
-        _scale_and_reciprocal(scale, recip, amax, c4, _cuda_reciprocal)
-        if tx + step * threads < q_chunks:
-            Q4w[row, tx + step * threads] = _packed_codes(vals, recip)
-            if tx % group_lanes == 0:
-                S4[row, (tx + step * threads) // group_lanes] = scale
-
-    @T.macro
-    def quantize_outliers(ov, tx, row, Q8, S8, part):
-        amax8: T.float32 = T.float32(0)
-        for step in T.unroll(o_steps):
-            amax8 = T.max(amax8, T.abs(ov[step]))
-        block_max(amax8, part, tx)
-        scale8: T.float16 = T.float16(0)
-        recip8: T.float32 = T.float32(0)
-        _scale_and_reciprocal(scale8, recip8, amax8, c8, _cuda_reciprocal)
-        for step in T.unroll(o_steps):
-            if tx + step * threads < O:
-                Q8[row, tx + step * threads] = T.Cast("int8", _code(ov[step], recip8, *_INT8))
-        if tx == 0:
-            S8[row, 0] = scale8
-
-    @T.macro
-    def stage_row(X, W, xs, row, tx, sumsq):
-        # Contiguous 16-byte loads of the whole row into shared memory for the reorder gathers,
-        # all issued before any is used. RMSNorm (W given) sums the squares on the way, in the
-        # lane order of the module docstring, and stores x (and w, if interleaved) per channel.
-        xv = T.alloc_local((in_steps * VEC,), "float16")
+    def stage(X, W, xs, row0, M, tx, sumsq):
+        # All 16-byte loads of the block's rows first (rows past M re-read row M - 1; nothing
+        # of theirs is stored), then the interleaved words to shared memory; RMSNorm sums the
+        # squares of each row in the lane order of the module docstring.
+        xv = T.alloc_local((in_steps * slots * VEC,), "float16")
         for step in T.unroll(in_steps):
-            if tx + step * threads < chunks:
-                for e in T.vectorized(VEC):
-                    xv[step * VEC + e] = X[row, (tx + step * threads) * VEC + e]
-        if W is not None and interleave:
-            wv = T.alloc_local((in_steps * VEC,), "float16")
-            for step in T.unroll(in_steps):
-                if tx + step * threads < chunks:
+            if tx + step * LANES < chunks:
+                for r in T.unroll(R):
                     for e in T.vectorized(VEC):
-                        wv[step * VEC + e] = W[(tx + step * threads) * VEC + e]
-        for step in T.unroll(in_steps):
-            if tx + step * threads < chunks:
-                if W is not None and interleave:
-                    xw = T.alloc_local((VEC,), "uint32")
-                    for e in T.unroll(VEC):
-                        xw[e] = T.bitwise_or(
-                            T.Cast("uint32", T.reinterpret("uint16", xv[step * VEC + e])),
-                            T.shift_left(T.Cast("uint32", T.reinterpret("uint16", wv[step * VEC + e])), 16))
-                    for e in T.vectorized(VEC):
-                        xs[(tx + step * threads) * VEC + e] = xw[e]
-                else:
-                    for e in T.vectorized(VEC):
-                        xs[(tx + step * threads) * VEC + e] = xv[step * VEC + e]
+                        xv[(step * slots + r) * VEC + e] = X[
+                            T.min(row0 + r, M - 1), (tx + step * LANES) * VEC + e]
                 if W is not None:
-                    for e in T.unroll(VEC):
-                        sumsq = sumsq + T.Cast("float32", xv[step * VEC + e]) * T.Cast(
-                            "float32", xv[step * VEC + e])
+                    for e in T.vectorized(VEC):
+                        xv[(step * slots + R) * VEC + e] = W[(tx + step * LANES) * VEC + e]
+        for step in T.unroll(in_steps):
+            if tx + step * LANES < chunks:
+                words = T.alloc_local((VEC * wu,), "uint32")
+                for e in T.unroll(VEC):
+                    for u in T.unroll(wu):
+                        words[e * wu + u] = _pair(xv[(step * slots + 2 * u) * VEC + e],
+                                                  xv[(step * slots + 2 * u + 1) * VEC + e])
+                for p in T.unroll(slots):
+                    for u in T.vectorized(4):
+                        xs[swizzled_word((tx + step * LANES) * VEC + p * (VEC // slots), slots) * wu + u] = \
+                            words[p * 4 + u]
+                if W is not None:
+                    for r in T.unroll(R):
+                        for e in T.unroll(VEC):
+                            sumsq[r] = sumsq[r] + T.Cast("float32", xv[(step * slots + r) * VEC + e]) \
+                                * T.Cast("float32", xv[(step * slots + r) * VEC + e])
 
-    def normed(xs, W, src, rs):
-        """(x * rs) * w of input channel src (one 32-bit word gather when interleaved)."""
-        if interleave:
-            return (_low_half(xs[src]) * rs) * _high_half(xs[src])
-        return (T.Cast("float32", xs[src]) * rs) * T.Cast("float32", W[src])
+    @T.macro
+    def quantize_rows(xs, Idx, rs, row0, M, tx, Q4w, S4, Q8, S8, part_max):
+        gw = T.alloc_local((VEC * wu,), "uint32")
+        ids = T.alloc_local((VEC,), "int32")
+        if O > 0:
+            ov = T.alloc_local((o_steps * R,), "float32")
+            for step in T.unroll(o_steps):
+                for u in T.unroll(wu):
+                    gw[u] = T.uint32(0)
+                if tx + step * LANES < O:
+                    ids[0] = Idx[N + tx + step * LANES]
+                    for u in T.vectorized(wu):
+                        gw[u] = xs[swizzled_word(ids[0], slots) * wu + u]
+                for r in T.unroll(R):
+                    ov[step * R + r] = value(gw, 0, r, rs)
+            _quantize_outliers(ov, R, row0, M, tx, LANES, o_steps, Q8, S8, part_max, O, c8)
+        elif tx < R and row0 + tx < M:
+            S8[row0 + tx, 0] = T.float16(0)
+        vals = T.alloc_local((R * VEC,), "float32")
+        for step in T.unroll(q_steps):
+            for i in T.unroll(VEC * wu):
+                gw[i] = T.uint32(0)  # lanes past the INT4 part quantize zeros
+            if tx + step * LANES < q_chunks:
+                for e in T.vectorized(VEC):
+                    ids[e] = Idx[(tx + step * LANES) * VEC + e]
+                for e in T.unroll(VEC):
+                    for u in T.vectorized(wu):
+                        gw[e * wu + u] = xs[swizzled_word(ids[e], slots) * wu + u]
+            for r in T.unroll(R):
+                for e in T.unroll(VEC):
+                    vals[r * VEC + e] = value(gw, e, r, rs)
+            _quantize_chunks(vals, R, tx + step * LANES, tx + step * LANES < q_chunks, row0, M,
+                             Q4w, S4, group_lanes, c4)
 
-    if kind == "rmsnorm":
+    if rms:
 
         @T.prim_func
         def cuda(x_h: T.handle, w_h: T.handle, idx_h: T.handle, q4_h: T.handle, s4_h: T.handle,
@@ -630,37 +755,22 @@ def _cuda_kernel(spec: _Spec) -> tirx.PrimFunc:
             Q8 = T.match_buffer(q8_h, (M, O), "int8")
             S8 = T.match_buffer(s8_h, (M, 1), "float16")
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
-            row = T.launch_thread("blockIdx.x", M)
-            tx = T.launch_thread("threadIdx.x", threads)
-            xs = T.alloc_shared((K,), "uint32" if interleave else "float16")
-            part_sum = T.alloc_shared((warps,), "float32")
-            part_max = T.alloc_shared((warps,), "float32")
-            sumsq: T.float32 = T.float32(0)
-            stage_row(X, W, xs, row, tx, sumsq)
-            block_sum(sumsq, part_sum, tx)  # its barrier also publishes xs
-            rs: T.float32 = _cuda_rms_reciprocal(sumsq, K, eps)
-            if O > 0:
-                ov = T.alloc_local((o_steps,), "float32")
-                for step in T.unroll(o_steps):
-                    ov[step] = T.float32(0)
-                    if tx + step * threads < O:
-                        ov[step] = normed(xs, W, Idx[N + tx + step * threads], rs)
-                quantize_outliers(ov, tx, row, Q8, S8, part_max)
-            elif tx == 0:
-                S8[row, 0] = T.float16(0)
-            vals = T.alloc_local((VEC,), "float32")
-            ids = T.alloc_local((VEC,), "int32")
-            for step in T.unroll(q_steps):
-                for e in T.unroll(VEC):
-                    vals[e] = T.float32(0)
-                if tx + step * threads < q_chunks:
-                    for e in T.vectorized(VEC):
-                        ids[e] = Idx[(tx + step * threads) * VEC + e]
-                    for e in T.unroll(VEC):
-                        vals[e] = normed(xs, W, ids[e], rs)
-                quantize_chunk(vals, tx, step, row, Q4w, S4)
+            block = T.launch_thread("blockIdx.x", (M + R - 1) // R)
+            tx = T.launch_thread("threadIdx.x", LANES)
+            xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+            part_sum = T.alloc_shared((R * _WARPS,), "float32")
+            part_max = T.alloc_shared((R * _WARPS,), "float32")
+            sumsq = T.alloc_local((R,), "float32")
+            for r in T.unroll(R):
+                sumsq[r] = T.float32(0)
+            stage(X, W, xs, block * R, M, tx, sumsq)
+            _block_reduce(sumsq, R, part_sum, tx, _WARPS, _add)  # its barrier also publishes xs
+            rs = T.alloc_local((R,), "float32")
+            for r in T.unroll(R):
+                rs[r] = _cuda_rms_reciprocal(sumsq[r], K, eps)
+            quantize_rows(xs, Idx, rs, block * R, M, tx, Q4w, S4, Q8, S8, part_max)
 
-    elif kind == "reorder":
+    else:
 
         @T.prim_func
         def cuda(x_h: T.handle, idx_h: T.handle, q4_h: T.handle, s4_h: T.handle, q8_h: T.handle,
@@ -674,76 +784,68 @@ def _cuda_kernel(spec: _Spec) -> tirx.PrimFunc:
             Q8 = T.match_buffer(q8_h, (M, O), "int8")
             S8 = T.match_buffer(s8_h, (M, 1), "float16")
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
-            row = T.launch_thread("blockIdx.x", M)
-            tx = T.launch_thread("threadIdx.x", threads)
-            xs = T.alloc_shared((K,), "float16")
-            part_max = T.alloc_shared((warps,), "float32")
-            stage_row(X, None, xs, row, tx, None)
+            block = T.launch_thread("blockIdx.x", (M + R - 1) // R)
+            tx = T.launch_thread("threadIdx.x", LANES)
+            xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+            part_max = T.alloc_shared((R * _WARPS,), "float32")
+            stage(X, None, xs, block * R, M, tx, None)
             T.tvm_storage_sync("shared")
-            if O > 0:
-                ov = T.alloc_local((o_steps,), "float32")
-                for step in T.unroll(o_steps):
-                    ov[step] = T.float32(0)
-                    if tx + step * threads < O:
-                        ov[step] = T.Cast("float32", xs[Idx[N + tx + step * threads]])
-                quantize_outliers(ov, tx, row, Q8, S8, part_max)
-            elif tx == 0:
-                S8[row, 0] = T.float16(0)
-            vals = T.alloc_local((VEC,), "float32")
-            ids = T.alloc_local((VEC,), "int32")
-            for step in T.unroll(q_steps):
-                for e in T.unroll(VEC):
-                    vals[e] = T.float32(0)
-                if tx + step * threads < q_chunks:
-                    for e in T.vectorized(VEC):
-                        ids[e] = Idx[(tx + step * threads) * VEC + e]
-                    for e in T.unroll(VEC):
-                        vals[e] = T.Cast("float32", xs[ids[e]])
-                quantize_chunk(vals, tx, step, row, Q4w, S4)
+            quantize_rows(xs, Idx, None, block * R, M, tx, Q4w, S4, Q8, S8, part_max)
 
-    else:
+    return cuda
 
-        @T.prim_func
-        def cuda(gu_h: T.handle, q4_h: T.handle, s4_h: T.handle, q8_h: T.handle, s8_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            M = T.int64()
-            GU = T.match_buffer(gu_h, (M, 2 * K), "float16")
-            Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
-            S4 = T.match_buffer(s4_h, (M, N // G), "float16")
-            Q8 = T.match_buffer(q8_h, (M, O), "int8")
-            S8 = T.match_buffer(s8_h, (M, 1), "float16")
-            Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
-            row = T.launch_thread("blockIdx.x", M)
-            tx = T.launch_thread("threadIdx.x", threads)
-            part_max = T.alloc_shared((warps,), "float32")
-            # Issue every 16-byte load of the INT4 part first, so that they are in flight while
-            # the outliers go through their block reduction.
-            gv = T.alloc_local((q_steps * VEC,), "float16")
-            uv = T.alloc_local((q_steps * VEC,), "float16")
-            for step in T.unroll(q_steps):
-                if tx + step * threads < q_chunks:
-                    for e in T.vectorized(VEC):
-                        gv[step * VEC + e] = GU[row, (tx + step * threads) * VEC + e]
-                    for e in T.vectorized(VEC):
-                        uv[step * VEC + e] = GU[row, K + (tx + step * threads) * VEC + e]
-            if O > 0:
-                ov = T.alloc_local((o_steps,), "float32")
-                for step in T.unroll(o_steps):
-                    ov[step] = T.float32(0)
-                    if tx + step * threads < O:
-                        ov[step] = _silu_fast_div(T.Cast("float32", GU[row, N + tx + step * threads])) * T.Cast(
-                            "float32", GU[row, K + N + tx + step * threads])
-                quantize_outliers(ov, tx, row, Q8, S8, part_max)
-            elif tx == 0:
-                S8[row, 0] = T.float16(0)
-            vals = T.alloc_local((VEC,), "float32")
-            for step in T.unroll(q_steps):
+
+def _cuda_silu_kernel(spec: _Spec) -> tirx.PrimFunc:
+    """SiLU-mul + quantize: one block of 256 threads per row, no shared-memory staging (no
+    reorder), every 16-byte load of the INT4 part issued before the outliers' reduction."""
+    K, N, O, G = spec.k, spec.normal, spec.n_outliers, spec.group_size
+    c4, c8 = spec.c4, spec.c8
+    threads = _SILU_THREADS
+    q_chunks = N // VEC
+    q_steps = -(-q_chunks // threads)
+    o_steps = -(-O // threads)
+    group_lanes = G // VEC
+
+    @T.prim_func
+    def cuda(gu_h: T.handle, q4_h: T.handle, s4_h: T.handle, q8_h: T.handle, s8_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int64()
+        GU = T.match_buffer(gu_h, (M, 2 * K), "float16")
+        Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
+        S4 = T.match_buffer(s4_h, (M, N // G), "float16")
+        Q8 = T.match_buffer(q8_h, (M, O), "int8")
+        S8 = T.match_buffer(s8_h, (M, 1), "float16")
+        Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
+        row = T.launch_thread("blockIdx.x", M)
+        tx = T.launch_thread("threadIdx.x", threads)
+        part_max = T.alloc_shared((threads // _WARP,), "float32")
+        gv = T.alloc_local((q_steps * VEC,), "float16")
+        uv = T.alloc_local((q_steps * VEC,), "float16")
+        for step in T.unroll(q_steps):
+            if tx + step * threads < q_chunks:
+                for e in T.vectorized(VEC):
+                    gv[step * VEC + e] = GU[row, (tx + step * threads) * VEC + e]
+                for e in T.vectorized(VEC):
+                    uv[step * VEC + e] = GU[row, K + (tx + step * threads) * VEC + e]
+        if O > 0:
+            ov = T.alloc_local((o_steps,), "float32")
+            for step in T.unroll(o_steps):
+                ov[step] = T.float32(0)
+                if tx + step * threads < O:
+                    ov[step] = _silu_fast_div(T.Cast("float32", GU[row, N + tx + step * threads])) * T.Cast(
+                        "float32", GU[row, K + N + tx + step * threads])
+            _quantize_outliers(ov, 1, row, M, tx, threads, o_steps, Q8, S8, part_max, O, c8)
+        elif tx == 0:
+            S8[row, 0] = T.float16(0)
+        vals = T.alloc_local((VEC,), "float32")
+        for step in T.unroll(q_steps):
+            for e in T.unroll(VEC):
+                vals[e] = T.float32(0)
+            if tx + step * threads < q_chunks:
                 for e in T.unroll(VEC):
-                    vals[e] = T.float32(0)
-                if tx + step * threads < q_chunks:
-                    for e in T.unroll(VEC):
-                        vals[e] = _silu_fast_div(T.Cast("float32", gv[step * VEC + e])) * T.Cast(
-                            "float32", uv[step * VEC + e])
-                quantize_chunk(vals, tx, step, row, Q4w, S4)
+                    vals[e] = _silu_fast_div(T.Cast("float32", gv[step * VEC + e])) * T.Cast(
+                        "float32", uv[step * VEC + e])
+            _quantize_chunks(vals, 1, tx + step * threads, tx + step * threads < q_chunks, row, M,
+                             Q4w, S4, group_lanes, c4)
 
     return cuda
