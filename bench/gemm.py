@@ -235,7 +235,7 @@ def plot(result: dict, png: Path) -> None:
     for ax, shape in zip(np.atleast_1d(axes), shapes):
         rows = [r for r in result["rows"] if r["shape"] == shape]
         ms = [r["M"] for r in rows]
-        for key, label, style in (("w4a4", "W4A4 (TVM, mma.sync s8)", "-"), ("fp16", "cuBLAS fp16", "-"),
+        for key, label, style in (("w4a4", "W4A4 (TVM, wgmma s8; gemv at M <= 16)", "-"), ("fp16", "cuBLAS fp16", "-"),
                                   ("int8", "cuBLAS int8", "-"), ("tvm_fp16", "fp16 (TVM, mma.sync)", "--"),
                                   ("tvm_int8", "W8A8 int8 (TVM, mma.sync)", "--")):
             if f"{key}_tops" in rows[0]:
@@ -250,7 +250,7 @@ def plot(result: dict, png: Path) -> None:
     fig.suptitle(result["device"])
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=80)
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def test_variant_dispatch():
     cuda = lambda arch: tvm.target.Target({"kind": "cuda", "arch": arch})  # noqa: E731
     assert variant_for(LLVM) == "cpu"
     assert [variant_for(cuda(a)) for a in ("sm_80", "sm_86", "sm_89")] == ["sm80_int4"] * 3
-    assert [variant_for(cuda(a)) for a in ("sm_90", "sm_90a")] == ["sm90_int8"] * 2
+    assert [variant_for(cuda(a)) for a in ("sm_90", "sm_90a")] == ["sm90_int8", "sm90_wgmma"]
     with pytest.raises(UserError, match="sm_90a"):
         variant_for(cuda("sm_75"))
 
@@ -267,21 +267,24 @@ def sass_of(lib: Path, arch: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "kind, archs, int4_mma",
-    [("gemm", ("sm_80", "sm_89"), 16), ("gemm", ("sm_90a",), 0), ("gemv", ("sm_90a",), 0)],
-    ids=["sm80_int4", "sm90_int8", "gemv"],
+    "kind, archs, int4_mma, int8_mma",
+    [("gemm", ("sm_80", "sm_89"), 16, "IMMA.16832.S8.S8"), ("gemm", ("sm_90",), 0, "IMMA.16832.S8.S8"),
+     ("gemm", ("sm_90a",), 0, "IGMMA.64x128x32.S8.S8"), ("gemv", ("sm_90a",), 0, "IMMA.16832.S8.S8")],
+    ids=["sm80_int4", "sm90_int8", "sm90_wgmma", "gemv"],
 )
-def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma):
+def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma, int8_mma):
     """Each variant compiles to SASS for its archs. sm80_int4 runs the INT4 groups on the native
     IMMA.16864.S4 (16 per step: a 64x32 warp tile) and only the outliers on INT8 IMMA; Hopper
-    never touches the emulated INT4 IMMA. The tiled kernels convert group sums through the
-    float-magic FADD; the gemv's float chain is a few I2F per output and piece, and stays."""
+    never touches the emulated INT4 IMMA (sm_90a: warpgroup IGMMA, sm_90: mma.sync IMMA). The
+    tiled kernels convert group sums through the float-magic FADD; the gemv's float chain is a
+    few I2F per output and piece, and stays. No variant spills to local memory."""
     spec = KernelSpec(kind, archs, 576, 1536, 64, 128, True)
     lib = Path(build_kernel(spec, str(tmp_path)))
     assert cuda_build.list_cuda_codes(lib) == {"sass": list(archs), "ptx": [archs[0]]}
     sass = sass_of(lib, archs[0])
     assert sass.count("IMMA.16864.S4.S4") == int4_mma
-    assert "IMMA.16832.S8.S8" in sass
+    assert int8_mma in sass
+    assert "LDL" not in sass and "STL" not in sass
     if kind == "gemm":
         assert "I2F" not in sass
 
@@ -294,9 +297,12 @@ _ROWS = {"gemm": (1, 7, 16, 33, 128, 1000), "gemv": (1, 2, 7, 16)}
 
 
 def _gpu_cases():
-    for kind, archs in (("gemm", ("sm_90a",)), ("gemm", ("sm_80", "sm_90a")), ("gemv", ("sm_90a",))):
+    for kind, archs in (("gemm", ("sm_90a",)), ("gemm", ("sm_90",)), ("gemm", ("sm_80", "sm_90a")),
+                        ("gemv", ("sm_90a",))):
         for (N, K, G), big in [(nkg, False) for nkg in SMOLLM2] + [(nkg, True) for nkg in LLAMA2_7B]:
             for O in (0, 128):
+                if archs == ("sm_90",) and (N, K, O) not in ((576, 1536, 128), (4096, 11008, 0)):
+                    continue  # plain sm_90 (mma.sync) shares all but the tensor step with sm_80: two shapes
                 rows = (1, 16, 128) if big and kind == "gemm" else _ROWS[kind]
                 yield KernelSpec(kind, archs, N, K, G, O, residual=O == 128), rows
         # 256 outliers: sums up to exactly 2^22 (the magic conversion's edge); 384: the I2F path.

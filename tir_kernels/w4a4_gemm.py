@@ -29,8 +29,10 @@ Variants, chosen from the target by `w4a4_gemm`:
 
 * ``cpu`` (llvm): the bit-exact twin of the reference, parallel over column panels and
   vectorized along them.
-* ``sm90_int8`` (sm_90/sm_90a): Hopper has no INT4 tensor cores; the packed bytes travel to shared
-  memory as they are and are widened to INT8 in registers for ``mma.sync m16n8k32 s8``.
+* ``sm90_wgmma`` (sm_90a): Hopper has no INT4 tensor cores; the packed bytes travel to shared
+  memory as they are and are widened to INT8 (A in registers, W into a second shared tile) for
+  the warpgroup ``wgmma.mma_async m64n128k32 s8``.
+* ``sm90_int8`` (plain sm_90, which may not use wgmma): the same widening for ``mma.sync m16n8k32 s8``.
 * ``sm80_int4`` (sm_80/86/89): the same kernel with the native ``mma.sync m16n8k64 s4``.
 * ``gemv`` (`w4a4_gemv`, any CUDA arch, M <= 16): the same pieces on a 16-row tile with K split
   across the warps of a block, for decode, where the weight bytes are the cost; the integer
@@ -177,9 +179,10 @@ def atom_args(a: AtomActivation, w: AtomWeight) -> list[np.ndarray]:
 
 
 def variant_for(target: tvm.target.Target) -> str:
-    """``cpu``, ``sm80_int4`` or ``sm90_int8``: the GEMM variant a target gets."""
+    """``cpu``, ``sm80_int4``, ``sm90_int8`` (plain sm_90: mma.sync) or ``sm90_wgmma`` (sm_90a): the
+    GEMM variant a target gets."""
     return kernel_variant(target, "W4A4 GEMM", {"sm_80": "sm80_int4", "sm_86": "sm80_int4", "sm_89": "sm80_int4",
-                                                "sm_90": "sm90_int8", "sm_90a": "sm90_int8"})
+                                                "sm_90": "sm90_int8", "sm_90a": "sm90_wgmma"})
 
 
 def w4a4_gemm(
