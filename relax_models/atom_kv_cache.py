@@ -88,6 +88,16 @@ class AtomKVConfig:
                 "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
 
 
+#: relax's OpPatternKind kOpaque. Our kernels are finished TIR (explicit loops and threads, no
+#: root block): Relax must call them as they are, so they are marked opaque before its pattern
+#: analysis can call a simple one (the fp16 append) injective and FuseTIR try to merge it.
+_OPAQUE = 8
+
+
+def _opaque(func):
+    return func.with_attr("op_pattern", _OPAQUE)
+
+
 def _variant(target: Target) -> str:
     """The kv_attention variant a target gets (one CUDA variant serves every supported arch)."""
     return "cpu" if target.kind.name == "llvm" else "cuda"
@@ -120,8 +130,8 @@ class AtomPagedKVCache:
             flat = flat.astype("float16")
         layer = tirx.IntImm("int32", layer_id)
         t = self.tables
-        append = kv_attention.append(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                                     cfg.page_size, self.variant, rope_scaling=cfg.rope_scaling)
+        append = _opaque(kv_attention.append(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                                     cfg.page_size, self.variant, rope_scaling=cfg.rope_scaling))
         q_shape = (n, cfg.num_q_heads, dim)
         *self.pages, q = op.tensor_ir_inplace_op(
             append, "kv_append", [flat, t["positions"], t["append_slots"], *self.pages, layer],
@@ -130,12 +140,12 @@ class AtomPagedKVCache:
         tables = [t["page_indptr"], t["page_indices"], t["last_page_len"]]
         out = Tensor.placeholder(q_shape, "float16")
         if self.decode:
-            kernel = kv_attention.decode(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
-                                         cfg.page_size, self.variant)
+            kernel = _opaque(kv_attention.decode(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                 cfg.page_size, self.variant))
             o = op.tensor_ir_op(kernel, "kv_decode", [q, *self.pages, layer, *tables], out=out)
         else:
-            kernel = kv_attention.prefill(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
-                                          cfg.page_size, self.variant)
+            kernel = _opaque(kv_attention.prefill(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                  cfg.page_size, self.variant))
             o = op.tensor_ir_op(kernel, "kv_prefill", [q, t["qo_indptr"], *self.pages, layer, *tables], out=out)
         o = op.reshape(o, (b, s, cfg.num_q_heads, dim))
         return o if qkv.dtype == "float16" else o.astype(qkv.dtype)
@@ -148,7 +158,8 @@ def create_pages(cfg: AtomKVConfig, num_pages) -> tuple[Tensor, ...]:
 
 def copy_pages(cfg: AtomKVConfig, target: Target, pages, src: Tensor, dst: Tensor) -> tuple[Tensor, ...]:
     """Every layer's page ``src[i]`` copied onto page ``dst[i]`` in place (copy-on-write after a fork)."""
-    kernel = kv_attention.copy_pages(cfg.bits, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, _variant(target))
+    kernel = _opaque(kv_attention.copy_pages(cfg.bits, cfg.num_kv_heads, cfg.head_dim, cfg.page_size,
+                                             _variant(target)))
     outs = op.tensor_ir_inplace_op(kernel, "kv_copy_pages", [*pages, src, dst],
                                    inplace_indices=list(range(len(pages))),
                                    out=[Tensor.placeholder(p.shape, p.dtype) for p in pages])
