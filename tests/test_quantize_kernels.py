@@ -339,7 +339,7 @@ def _gpu_arch() -> str:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,group_size,n_outliers", SHAPES + [(14336, 128, 128), (11008, 128, 128)])
+@pytest.mark.parametrize("k,group_size,n_outliers", SHAPES + [(14336, 128, 128)] + EXTRA_SHAPES)
 def test_gpu_kernels_match_reference(k, group_size, n_outliers, rng):
     """CUDA variants on the GPU: rmsnorm/reorder bit-exact, silu within the exp tolerance."""
     dev = tvm.cuda(0)

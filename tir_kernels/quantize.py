@@ -649,10 +649,16 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
     random reads still hit the same bank ~3.5 times on average (one wavefront each). To spend
     those wavefronts on several rows at once, the block stages R rows *interleaved*: the word of
     channel i holds ``slots`` float16 values, x[i] of the R rows (and w[i] for RMSNorm), so one
-    8-byte (16-byte) gather fetches channel i of every row; ~6.2 (~10.3) wavefronts per warp-wide
-    8-byte (16-byte) gather, i.e. 1.5 (1.3) per row instead of 3.5. The reorder index is read
-    once per block, not per row. Staging stores are 16-byte pieces in the conflict-free order of
-    `swizzled_word`.
+    4-byte (8-byte) gather fetches channel i of every row: ~3.5 (~6.2) wavefronts per warp-wide
+    gather for 2 rows (3 rows and w) instead of 3.5 per row (and 3.5 more for w). The reorder
+    index is read once per block, not per row. Staging stores are 16-byte pieces in the
+    conflict-free order of `swizzled_word`.
+
+    On the H200 the gathers were not what bounds these kernels (Nsight Compute, 4 rows per
+    block: 58% issue slots, 58% ALU pipe, 66% L1, 45% DRAM, 6 warps per scheduler): they are
+    latency-bound, so ``_SLOTS`` trades rows per block against blocks per SM, and the per-chunk
+    code is straight-line with each step done for all R rows before the next, so the rows'
+    dependency chains (shuffles, reciprocal, codes) overlap.
     """
     K, N, O, G = spec.k, spec.normal, spec.n_outliers, spec.group_size
     rms = spec.kind == "rmsnorm"
