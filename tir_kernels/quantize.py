@@ -636,8 +636,8 @@ def word_slots(kind: str, k: int) -> int:
     while slots > 2 and 2 * slots * k > _STAGE_BYTES:
         slots //= 2
     if 2 * slots * k > _MAX_STAGE_BYTES:
-        raise UserError(f"channel count {k} needs {2 * slots * k} bytes of shared memory per block, "
-                        f"more than the {_MAX_STAGE_BYTES} a block may have on sm_80-sm_89")
+        raise UserError(f"channel count {k} needs {2 * slots * k} bytes of shared memory per "
+                        f"block, more than the {_MAX_STAGE_BYTES} a block may have on sm_80-sm_89")
     return slots
 
 
@@ -703,14 +703,14 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
                         words[e * wu + u] = _pair(xv[(step * slots + 2 * u) * VEC + e],
                                                   xv[(step * slots + 2 * u + 1) * VEC + e])
                 for p in T.unroll(slots):
+                    first = swizzled_word((tx + step * LANES) * VEC + p * (VEC // slots), slots)
                     for u in T.vectorized(4):
-                        xs[swizzled_word((tx + step * LANES) * VEC + p * (VEC // slots), slots) * wu + u] = \
-                            words[p * 4 + u]
+                        xs[first * wu + u] = words[p * 4 + u]
                 if W is not None:
                     for r in T.unroll(R):
                         for e in T.unroll(VEC):
-                            sumsq[r] = sumsq[r] + T.Cast("float32", xv[(step * slots + r) * VEC + e]) \
-                                * T.Cast("float32", xv[(step * slots + r) * VEC + e])
+                            x = T.Cast("float32", xv[(step * slots + r) * VEC + e])
+                            sumsq[r] = sumsq[r] + x * x
 
     @T.macro
     def quantize_rows(xs, Idx, rs, row0, M, tx, Q4w, S4, Q8, S8, part_max):
