@@ -146,6 +146,17 @@ _NEG_BIG = -3.0e38
 CUDA_DECODE_SPLITS = 16
 #: Threads a cuda decode block aims at (whole warps; see `_decode_cuda_layout`).
 _DECODE_THREADS = 128
+#: Register pipeline stages of a cuda decode thread (tokens whose loads are in flight), by
+#: measurement on the H200 (docs/bench/attention.md): 4 for 8-bit pages without GQA, where it
+#: took the bandwidth from 87% to 90%; elsewhere 4 stages cost resident warps and were slower
+#: than 2 (FP16 at 16 sequences, every GQA case) or no faster (INT4).
+def _decode_depth(kv_bits: int, G: int) -> int:
+    return 4 if kv_bits == 8 and G == 1 else 2
+
+
+#: Blocks the cuda decode grid aims at before it splits sequences into page ranges (about 8
+#: per SM of an H100/H200).
+_DECODE_BLOCKS = 1024
 #: Warps of a cuda append block (one token); each warp takes every 4th row of q, K and V.
 _APPEND_WARPS = 4
 _WARP = 32
@@ -840,15 +851,37 @@ def _rn(op: str, a, b):
     return T.call_pure_extern("float32", f"__f{op}_rn", a, b)
 
 
-def _chunk_value(kv_bits: int, words, e: int):
-    """float32 code (or float16 value) of element e of a 16-byte chunk held as 4 uint32 words;
-    4-bit codes sit low nibble first, so element e is bits 4e.. of the little-endian words."""
+def _chunk_value(kv_bits: int, words, e: int, base: int = 0):
+    """float32 code (or float16 value) of element e of a chunk held as uint32 words from
+    ``words[base]`` on; 4-bit
+    codes sit low nibble first, so element e is bits 4e.. of the little-endian words."""
     per_word = 32 // kv_bits
-    field = T.shift_right(words[e // per_word], T.uint32(kv_bits * (e % per_word)))
     if kv_bits == 16:
+        field = T.shift_right(words[base + e // per_word], T.uint32(16 * (e % 2)))
         return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.bitwise_and(
             field, T.uint32(0xFFFF)))))
-    return T.Cast("float32", T.bitwise_and(field, T.uint32((1 << kv_bits) - 1)))
+    # The code becomes the low mantissa byte of 2**23 (one PRMT picks the byte and the exponent
+    # byte 0x4B), an exact float32 without the quarter-rate integer-to-float conversion.
+    # 4 bits: the even nibbles are the bytes of word & 0x0F0F0F0F, the odd of (word >> 4) & ...
+    word = words[base + e // per_word]
+    byte = (e % per_word) // (8 // kv_bits)
+    if kv_bits == 4:
+        word = T.bitwise_and(T.shift_right(word, T.uint32(4 * (e % 2))), T.uint32(0x0F0F0F0F))
+    bits = T.call_pure_extern("uint32", "__byte_perm", word, T.uint32(0x4B000000),
+                              T.uint32(0x7540 | byte))
+    return T.reinterpret("float32", bits) - T.float32(2.0**23)
+
+
+def _scale(sz, i: int = 0):
+    """float32 scale of a row: the low float16 half of its (scale, zero) word ``sz[i]``."""
+    return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.bitwise_and(
+        sz[i], T.uint32(0xFFFF)))))
+
+
+def _zero(sz, i: int = 0):
+    """float32 zero of a row: the high float16 half of its (scale, zero) word ``sz[i]``."""
+    return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.shift_right(
+        sz[i], T.uint32(16)))))
 
 
 def _dequant(kv_bits: int, words, sz, e: int):
@@ -857,9 +890,7 @@ def _dequant(kv_bits: int, words, sz, e: int):
     value = _chunk_value(kv_bits, words, e)
     if kv_bits == 16:
         return value
-    scale = T.reinterpret("float16", T.Cast("uint16", T.bitwise_and(sz[0], T.uint32(0xFFFF))))
-    zero = T.reinterpret("float16", T.Cast("uint16", T.shift_right(sz[0], T.uint32(16))))
-    return value * T.Cast("float32", scale) + T.Cast("float32", zero)
+    return value * _scale(sz) + _zero(sz)
 
 
 def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, llama3, P: int):
@@ -964,100 +995,164 @@ def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, lla
     return body
 
 
-def _decode_cuda_layout(kv_bits: int, G: int, D: int) -> tuple[int, int, int]:
-    """(E, C, Z): elements per 16-byte chunk, lanes per token row, token slots per block."""
-    E = 128 // kv_bits
+def _decode_cuda_layout(kv_bits: int, G: int, D: int) -> tuple[int, int, int, int]:
+    """(E, W, C, Z): elements of a thread's chunk of a row, its 32-bit words, lanes per token
+    row, token slots per block. A thread holds q and the accumulator of all G heads for its
+    E elements, so G * E stays near 16 (registers, hence resident warps), with chunks of 4 to
+    16 bytes and at most 32 lanes a row (a row's score is a shuffle reduction in one warp)."""
+    E = 1 << (max(1, 16 // G).bit_length() - 1)
+    E = min(max(E, 32 // kv_bits, D // _WARP), 128 // kv_bits)
     C = D // E
-    row_threads = G * C
     # Whole warps only (the full-mask shuffles need all 32 lanes), about _DECODE_THREADS threads.
-    Z = _WARP // math.gcd(_WARP, row_threads)
-    Z *= max(1, _DECODE_THREADS // (row_threads * Z))
-    if row_threads * Z > 1024:
-        raise UserError(f"a GQA group of {G} query heads is too large for the cuda decode kernel")
-    return E, C, Z
+    Z = max(_WARP, _DECODE_THREADS) // C
+    return E, E * kv_bits // 32, C, Z
+
+
+def _decode_splits(B, HKV: int):
+    """Page ranges per (sequence, KV head) at run time: enough blocks to fill the GPU
+    (`_DECODE_BLOCKS`), at most `CUDA_DECODE_SPLITS`; a large batch takes one range, so it
+    writes and merges no partial states it does not need."""
+    return T.max(1, T.min(CUDA_DECODE_SPLITS, (_DECODE_BLOCKS + B * HKV - 1) // (B * HKV)))
 
 
 def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
-    """The cuda variant's body macro, arguments as the cpu body's."""
+    """The cuda variant's body macro, arguments as the cpu body's.
+
+    Every code a thread loads is extracted once and used for all G query heads of the group.
+    With 4/8-bit pages the scale and zero are factored out of the element loops: a thread's
+    part of the score is ``scale * sum(q * code) + zero * sum(q)`` (``sum(q)`` taken once), and
+    of the output ``sum(p * scale * code)`` plus a per-slot ``sum(p * zero)`` added at the end,
+    so an element costs its extraction and one FMA per head on each side. The accumulators
+    are rescaled only when a token raises the running max. A thread keeps the chunks of its
+    next `_decode_depth` tokens in registers (a ring unrolled over the loop), so that many loads
+    are in flight: 8-byte INT4 chunks reach the bandwidth only that way.
+    """
     G, S = HQ // HKV, CUDA_DECODE_SPLITS
-    E, C, Z = _decode_cuda_layout(kv_bits, G, D)
-    threads = G * C * Z
+    E, W, C, Z = _decode_cuda_layout(kv_bits, G, D)
+    threads = C * Z
+    # Partial sums per head of the score's dot product: independent FMA chains.
+    NA = max(1, 4 // G)
+    DEPTH = _decode_depth(kv_bits, G)
     sm_scale = float(np.float32(1 / math.sqrt(D)))
+    quantized = kv_bits != 16
+
+    @T.macro
+    def load(codes, scale_zero, Indptr, Indices, b, hk, x, j, j1, kw, vw, ksz, vsz, stage: int):
+        # Token j's chunks into pipeline stage `stage` of the word registers (zeros past j1).
+        # 32-bit views of the pages: a chunk is W words, a row's (scale, zero) is one word.
+        KVW = _word_view(codes)
+        for w in T.unroll(W):
+            kw[stage * W + w] = T.uint32(0)
+            vw[stage * W + w] = T.uint32(0)
+        ksz[stage] = T.uint32(0)
+        vsz[stage] = T.uint32(0)
+        if j < j1:
+            page = Indices[Indptr[b] + j // P]
+            for w in T.vectorized(W):
+                kw[stage * W + w] = KVW[page, 0, hk, j % P, x * W + w]
+            for w in T.vectorized(W):
+                vw[stage * W + w] = KVW[page, 1, hk, j % P, x * W + w]
+            if quantized:
+                SZW = _word_view(scale_zero)
+                ksz[stage] = SZW[page, 0, hk, j % P, 0]
+                vsz[stage] = SZW[page, 1, hk, j % P, 0]
+
+    @T.macro
+    def step(j, j1, kw, vw, ksz, vsz, stage: int, qr, acc, qsum, m, l, zacc, dots, cv):
+        # Token j (its chunks in stage `stage`) into the slot's online softmax of every head.
+        for i in T.unroll(G * NA):
+            dots[i] = T.float32(0)
+        for e in T.unroll(E):
+            cv[e] = _chunk_value(kv_bits, kw, e, stage * W)
+            for g in T.unroll(G):
+                dots[g * NA + e % NA] = dots[g * NA + e % NA] + qr[g * E + e] * cv[e]
+        for e in T.unroll(E):
+            cv[e] = _chunk_value(kv_bits, vw, e, stage * W)
+        for g in T.unroll(G):
+            dot: T.float32 = dots[g * NA]
+            for a in T.unroll(1, NA):
+                dot = dot + dots[g * NA + a]
+            if quantized:
+                dot = dot * _scale(ksz, stage) + qsum[g] * _zero(ksz, stage)
+            for s in T.unroll(int(math.log2(C))):
+                dot = dot + _shuffle_xor(dot, C >> (s + 1))
+            if j < j1:
+                score: T.float32 = dot * T.float32(sm_scale)
+                if score > m[g]:
+                    correction: T.float32 = T.exp(m[g] - score)
+                    l[g] = l[g] * correction
+                    zacc[g] = zacc[g] * correction
+                    for e in T.unroll(E):
+                        acc[g * E + e] = acc[g * E + e] * correction
+                    m[g] = score
+                p: T.float32 = T.exp(score - m[g])
+                l[g] = l[g] + p
+                if quantized:
+                    zacc[g] = zacc[g] + p * _zero(vsz, stage)
+                    p = p * _scale(vsz, stage)
+                for e in T.unroll(E):
+                    acc[g * E + e] = acc[g * E + e] + p * cv[e]
 
     @T.macro
     def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
-        # 32-bit views of the pages: a chunk is 4 words, a row's (scale, zero) is one word.
-        KVW = _word_view(codes)
-        if kv_bits != 16:
-            SZW = _word_view(scale_zero)
         part_ml = T.decl_buffer((B, HQ, S, 2), "float32")
         part_acc = T.decl_buffer((B, HQ, S, D), "float32")
-        with T.launch_thread("blockIdx.x", B * HKV * S) as task:
+        with T.launch_thread("blockIdx.x", B * HKV * _decode_splits(B, HKV)) as task:
             tx = T.launch_thread("threadIdx.x", threads)
-            b = task // (HKV * S)
-            hk = task // S % HKV
-            split = task % S
-            z = tx // (G * C)
-            g = tx // C % G
+            b = task // (HKV * _decode_splits(B, HKV))
+            hk = task // _decode_splits(B, HKV) % HKV
+            split = task % _decode_splits(B, HKV)
+            z = tx // C
             x = tx % C
             ms = T.alloc_shared((Z * G,), "float32")
             ls = T.alloc_shared((Z * G,), "float32")
             accs = T.alloc_shared((Z * G, D), "float32")
             num = Indptr[b + 1] - Indptr[b]
-            per = (num + S - 1) // S
+            per = (num + _decode_splits(B, HKV) - 1) // _decode_splits(B, HKV)
             j0 = split * per * P
             j1 = T.min(T.min(num, (split + 1) * per) * P, (num - 1) * P + LastLen[b])
-            qr = T.alloc_local((E,), "float32")
-            acc = T.alloc_local((E,), "float32")
-            kw = T.alloc_local((4,), "uint32")
-            vw = T.alloc_local((4,), "uint32")
-            ksz = T.alloc_local((1,), "uint32")
-            vsz = T.alloc_local((1,), "uint32")
-            for e in T.unroll(E):
-                qr[e] = T.Cast("float32", Q[b, hk * G + g, x * E + e])
-                acc[e] = T.float32(0)
-            m: T.float32 = T.float32(_NEG_BIG)
-            l: T.float32 = T.float32(0)
-            # Slot z takes tokens j0 + z, j0 + z + Z, ...; the trip count is the same for the
-            # whole block, so that every lane reaches every shuffle.
-            for it in range(T.max(j1 - j0 + Z - 1, 0) // Z):
-                j = j0 + it * Z + z
-                for w in T.unroll(4):
-                    kw[w] = T.uint32(0)
-                    vw[w] = T.uint32(0)
-                ksz[0] = T.uint32(0)
-                vsz[0] = T.uint32(0)
-                if j < j1:
-                    page = Indices[Indptr[b] + j // P]
-                    # 16-byte loads; the G query heads' lanes of a row load the same bytes,
-                    # which the memory system merges into one transaction.
-                    for w in T.vectorized(4):
-                        kw[w] = KVW[page, 0, hk, j % P, x * 4 + w]
-                    for w in T.vectorized(4):
-                        vw[w] = KVW[page, 1, hk, j % P, x * 4 + w]
-                    if kv_bits != 16:
-                        ksz[0] = SZW[page, 0, hk, j % P, 0]
-                        vsz[0] = SZW[page, 1, hk, j % P, 0]
-                dot: T.float32 = T.float32(0)
+            qr = T.alloc_local((G * E,), "float32")
+            acc = T.alloc_local((G * E,), "float32")
+            qsum = T.alloc_local((G,), "float32")
+            m = T.alloc_local((G,), "float32")
+            l = T.alloc_local((G,), "float32")
+            zacc = T.alloc_local((G,), "float32")
+            dots = T.alloc_local((G * NA,), "float32")
+            cv = T.alloc_local((E,), "float32")
+            kw = T.alloc_local((DEPTH * W,), "uint32")
+            vw = T.alloc_local((DEPTH * W,), "uint32")
+            ksz = T.alloc_local((DEPTH,), "uint32")
+            vsz = T.alloc_local((DEPTH,), "uint32")
+            for g in T.unroll(G):
+                qsum[g] = T.float32(0)
                 for e in T.unroll(E):
-                    dot = dot + qr[e] * _dequant(kv_bits, kw, ksz, e)
-                for s in T.unroll(int(math.log2(C))):
-                    dot = dot + _shuffle_xor(dot, C >> (s + 1))
-                if j < j1:
-                    score: T.float32 = dot * T.float32(sm_scale)
-                    m_new: T.float32 = T.max(m, score)
-                    correction: T.float32 = T.exp(m - m_new)
-                    p: T.float32 = T.exp(score - m_new)
-                    l = l * correction + p
-                    for e in T.unroll(E):
-                        acc[e] = acc[e] * correction + p * _dequant(kv_bits, vw, vsz, e)
-                    m = m_new
+                    qr[g * E + e] = T.Cast("float32", Q[b, hk * G + g, x * E + e])
+                    qsum[g] = qsum[g] + qr[g * E + e]
+                    acc[g * E + e] = T.float32(0)
+                m[g] = T.float32(_NEG_BIG)
+                l[g] = T.float32(0)
+                zacc[g] = T.float32(0)
+            for stage in T.unroll(DEPTH):
+                load(codes, scale_zero, Indptr, Indices, b, hk, x, j0 + stage * Z + z, j1, kw, vw,
+                     ksz, vsz, stage)
+            # Slot z takes tokens j0 + z, j0 + z + Z, ...; the trip count is the same for the
+            # whole block, so that every lane reaches every shuffle. Step it * DEPTH + stage
+            # reads stage `stage`, then refills it with the token DEPTH steps ahead.
+            steps = T.max(j1 - j0 + Z - 1, 0) // Z
+            for it in range((steps + DEPTH - 1) // DEPTH):
+                for stage in T.unroll(DEPTH):
+                    if it * DEPTH + stage < steps:
+                        step(j0 + (it * DEPTH + stage) * Z + z, j1, kw, vw, ksz, vsz, stage, qr, acc,
+                             qsum, m, l, zacc, dots, cv)
+                        load(codes, scale_zero, Indptr, Indices, b, hk, x,
+                             j0 + (it * DEPTH + stage + DEPTH) * Z + z, j1, kw, vw, ksz, vsz, stage)
             # The Z slots' states merge through shared memory into the split's partial state.
-            if x == 0:
-                ms[z * G + g] = m
-                ls[z * G + g] = l
-            for e in T.unroll(E):
-                accs[z * G + g, x * E + e] = acc[e]
+            for g in T.unroll(G):
+                if x == 0:
+                    ms[z * G + g] = m[g]
+                    ls[z * G + g] = l[g]
+                for e in T.unroll(E):
+                    accs[z * G + g, x * E + e] = acc[g * E + e] + zacc[g]
             T.tvm_storage_sync("shared")
             for i in range((G * D + threads - 1) // threads):
                 if tx + i * threads < G * D:
@@ -1079,12 +1174,12 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
         with T.launch_thread("blockIdx.x", B * HQ) as bh:
             d = T.launch_thread("threadIdx.x", D)
             mb: T.float32 = part_ml[bh // HQ, bh % HQ, 0, 0]
-            for split in range(1, S):
+            for split in range(1, _decode_splits(B, HKV)):
                 mb = T.max(mb, part_ml[bh // HQ, bh % HQ, split, 0])
             # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - mb) is 0.
             lb: T.float32 = T.float32(0)
             o: T.float32 = T.float32(0)
-            for split in range(S):
+            for split in range(_decode_splits(B, HKV)):
                 wb: T.float32 = T.exp(part_ml[bh // HQ, bh % HQ, split, 0] - mb)
                 lb = lb + part_ml[bh // HQ, bh % HQ, split, 1] * wb
                 o = o + part_acc[bh // HQ, bh % HQ, split, d] * wb
