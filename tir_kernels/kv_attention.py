@@ -76,14 +76,17 @@ sequence still fills the cores. `prefill`: one task per (new token, KV head), wh
 pages up to its causal limit.
 
 ``cuda`` (hand-written TIR with explicit threads):
-`decode`: one block per (sequence, KV head, split) over `CUDA_DECODE_SPLITS` page ranges, so a
-page of K/V is read once for all G query heads of its group. A thread owns one 16-byte chunk
-(32 / 16 / 8 elements at 4 / 8 / 16 bits) of one token row for one query head; the C chunk
-lanes of a row reduce the score by XOR shuffles, and the block's Z token slots (whole warps,
-about 128 threads) each keep an online softmax over every Z-th token, dequantized in registers
-(per-token rescaling instead of the per-page one above: the same math in another float32
-order). The slots merge through shared memory, the splits in a second small kernel; ``/`` is
-``__fdiv_rn`` and ``exp`` nvcc's fast ``__expf`` (a few ulp), well inside the tolerance.
+`decode`: one block per (sequence, KV head, split), the sequence's pages cut into up to
+`CUDA_DECODE_SPLITS` ranges only while the batch leaves the GPU short of blocks, so a page of
+K/V is read once for all G query heads of its group. A thread owns a chunk (4 to 16 bytes, see
+`_decode_cuda_layout`) of one token row and extracts each code once for all G heads (the
+2**23-mantissa trick, no integer-to-float conversion); the C chunk lanes of a row reduce the
+score by XOR shuffles, and the block's Z token slots (about 128 threads) each keep an online
+softmax over every Z-th token, rescaled when a token raises the max (the same math as above in
+another float32 order, with scale and zero factored out of the element sums). Loads run a
+few tokens ahead in a register ring. The slots merge through shared memory, the splits in a
+second small kernel; ``/`` is ``__fdiv_rn`` and ``exp`` nvcc's fast ``__expf`` (a few ulp),
+well inside the tolerance. H200 speeds: docs/bench/attention.md.
 `append`: one block per token, one warp per row; codes, scales and zeros follow the cpu rule
 bit for bit (``__frcp_rn`` for the reciprocal), but RoPE takes pow/cos/sin in float64 (see
 `_append_cuda_body`), so its rotated q and K are `rope_ref`'s values, which differ from the
@@ -141,19 +144,11 @@ DECODE_SPLITS = 4
 _ROUND_MAGIC = 1.5 * 2**23
 #: The running max before any score: finite, so that e^(m - m') is 0 and never NaN.
 _NEG_BIG = -3.0e38
-#: Page ranges per (sequence, KV head) of the cuda decode kernel: B * H_kv * 16 blocks keep an
-#: H100's 132 SMs busy from a batch of one sequence on 8 KV heads.
+#: Most page ranges per (sequence, KV head) of the cuda decode kernel (see `_decode_splits`):
+#: 16 ranges keep an H100's 132 SMs busy from a batch of one sequence on 8 KV heads.
 CUDA_DECODE_SPLITS = 16
 #: Threads a cuda decode block aims at (whole warps; see `_decode_cuda_layout`).
 _DECODE_THREADS = 128
-#: Register pipeline stages of a cuda decode thread (tokens whose loads are in flight), by
-#: measurement on the H200 (docs/bench/attention.md): 4 for 8-bit pages without GQA, where it
-#: took the bandwidth from 87% to 90%; elsewhere 4 stages cost resident warps and were slower
-#: than 2 (FP16 at 16 sequences, every GQA case) or no faster (INT4).
-def _decode_depth(kv_bits: int, G: int) -> int:
-    return 4 if kv_bits == 8 and G == 1 else 2
-
-
 #: Blocks the cuda decode grid aims at before it splits sequences into page ranges (about 8
 #: per SM of an H100/H200).
 _DECODE_BLOCKS = 1024
@@ -1006,6 +1001,14 @@ def _decode_cuda_layout(kv_bits: int, G: int, D: int) -> tuple[int, int, int, in
     # Whole warps only (the full-mask shuffles need all 32 lanes), about _DECODE_THREADS threads.
     Z = max(_WARP, _DECODE_THREADS) // C
     return E, E * kv_bits // 32, C, Z
+
+
+def _decode_depth(kv_bits: int, G: int) -> int:
+    """Register pipeline stages of a cuda decode thread (tokens whose loads are in flight), by
+    measurement on the H200 (docs/bench/attention.md): 4 for 8-bit pages without GQA, where it
+    took the bandwidth from 87% to 90%; elsewhere 4 stages cost resident warps and were slower
+    (FP16 at 16 sequences, every GQA case) or no faster (INT4)."""
+    return 4 if kv_bits == 8 and G == 1 else 2
 
 
 def _decode_splits(B, HKV: int):
