@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -194,7 +195,8 @@ class Server:
 
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         loop = asyncio.get_running_loop()
-        encoding = await loop.run_in_executor(None, lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        encode = functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        encoding = await loop.run_in_executor(None, encode)
         return encoding.ids
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -217,8 +219,8 @@ class Server:
             raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects",
                            param="messages")
         try:
-            text = self.template.render([{"role": m.get("role"), "content": _message_text(m, i)}
-                                         for i, m in enumerate(messages)], add_generation_prompt=True)
+            text = self.template.render([{"role": m.get("role"), "content": _message_text(m)} for m in messages],
+                                        add_generation_prompt=True)
         except UserError as err:
             raise ApiError(400, str(err), param="messages") from None
         ids = await self._encode(text, add_special_tokens=False)  # the template wrote any BOS itself
@@ -237,25 +239,20 @@ class Server:
         except UserError as err:
             raise ApiError(400, str(err)) from None
         reply = _Reply(kind, response_id, self.model_name, len(ids))
-        finished = False
         try:
             if stream:
-                response = await self._stream(request, outputs, reply, bool(options.get("include_usage")))
-            else:
-                response = await self._collect(outputs, reply)
-            finished = True
-            return response
+                return await self._stream(request, outputs, reply, bool(options.get("include_usage")))
+            return await self._collect(outputs, reply)
         finally:
-            if not finished:  # client gone (the handler was cancelled) or the write failed
+            if not reply.finished:  # the client went away: its handler was cancelled, or a write failed
                 handle.cancel()
 
     async def _collect(self, outputs: asyncio.Queue, reply: "_Reply") -> web.Response:
         text = []
-        while True:
+        while not reply.finished:
             out = await outputs.get()
             text.append(out.text)
-            if out.finish_reason is not None:
-                break
+            reply.finished = out.finish_reason is not None
         if out.finish_reason == "error":
             raise ApiError(500, out.error or "generation failed")
         return web.json_response(reply.whole("".join(text), out))
@@ -268,25 +265,27 @@ class Server:
         async def send(payload) -> None:
             await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
 
-        if reply.kind == "chat.completion":
-            await send(reply.chunk({"role": "assistant", "content": ""}, None))
-        while True:
-            out = await outputs.get()
-            if out.finish_reason == "error":
-                await send(ApiError(500, out.error or "generation failed").body())
-                break
-            if out.text or out.finish_reason is not None:
-                await send(reply.chunk(out.text, out.finish_reason))
-            if out.finish_reason is not None:
-                if include_usage:
+        try:
+            if reply.kind == "chat.completion":
+                await send(reply.chunk({"role": "assistant", "content": ""}, None))
+            while not reply.finished:
+                out = await outputs.get()
+                reply.finished = out.finish_reason is not None
+                if out.finish_reason == "error":
+                    await send(ApiError(500, out.error or "generation failed").body())
+                    break
+                if out.text or reply.finished:
+                    await send(reply.chunk(out.text, out.finish_reason))
+                if reply.finished and include_usage:
                     await send(reply.usage_chunk(out))
-                break
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:  # the client closed the stream; _respond cancels the request
+            pass
         return response
 
 
-def _message_text(message: dict, index: int):
+def _message_text(message: dict):
     """A message's content as text: a string, or OpenAI's list of text parts joined."""
     content = message.get("content")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
@@ -301,6 +300,7 @@ class _Reply:
     def __init__(self, kind: str, response_id: str, model: str, num_prompt_tokens: int):
         self.kind, self.id, self.model, self.num_prompt_tokens = kind, response_id, model, num_prompt_tokens
         self.created = int(time.time())
+        self.finished = False  # the engine's last output for the request has arrived
 
     def _head(self, suffix: str = "") -> dict:
         return {"id": self.id, "object": self.kind + suffix, "created": self.created, "model": self.model}
@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget", default=None,
                    help="KV cache size: tokens (e.g. 16384) or bytes (e.g. 512MiB, 20GiB); default: max-batch full "
                         "context windows, at most 1 GiB")
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: the package's directory name)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the package's directory name)")
     return p
 
 

@@ -284,7 +284,8 @@ def test_text_stream_never_emits_half_a_character():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = ["the cat sat on the mat", "café crème brûlée", "数据 模型 服务", "🙂 🚀 ok"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
     text = "the café 🚀 serves 数据 and 模型 🙂 crème"
     ids = tok.encode(text).ids
     assert len(ids) > len(text.split())  # characters do span tokens

@@ -278,6 +278,7 @@ class Engine:
         self.page_size = self.kv.page_size
         self._free_when_empty = self.kv.num_free_pages()
         self.eos_token_ids = frozenset(package.eos_token_ids)
+        self.vocab_size = int(package.config["model_config"]["vocab_size"])  # rows of the embedding
 
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []  # admission order: oldest first
@@ -325,7 +326,7 @@ class Engine:
         params.check()
         if not prompt:
             raise UserError("empty prompt: nothing to generate from")
-        vocab = self.tokenizer.get_vocab_size()
+        vocab = self.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab for t in prompt):
             raise UserError(f"prompt token ids must be integers in [0, {vocab})")
         need = len(prompt) + params.max_tokens
@@ -584,9 +585,10 @@ class Engine:
         rows = logits.numpy().reshape(len(plan), -1)
         probs = None
         if any(req.params.temperature > 0 for _, req in ready):
-            temps = np.ones(len(plan), dtype="float32")
+            temps = np.ones(len(plan), dtype="float32")  # rows not sampled: any positive value
             for row, req in ready:
-                temps[row] = req.params.temperature or 1.0
+                if req.params.temperature > 0:
+                    temps[row] = req.params.temperature
             probs = pkg.fns["softmax_with_temperature"](logits, tvm.runtime.tensor(temps, pkg.device))
             probs = probs.numpy().reshape(len(plan), -1)
         for row, req in ready:
