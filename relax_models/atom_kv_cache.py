@@ -88,14 +88,15 @@ class AtomKVConfig:
                 "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
 
 
-#: relax's OpPatternKind kOpaque. Our kernels are finished TIR (explicit loops and threads, no
-#: root block): Relax must call them as they are, so they are marked opaque before its pattern
-#: analysis can call a simple one (the fp16 append) injective and FuseTIR try to merge it.
+#: relax's OpPatternKind kOpaque.
 _OPAQUE = 8
 
 
 def _opaque(func):
-    return func.with_attr("op_pattern", _OPAQUE)
+    """Our kernels are finished TIR (explicit loops and threads, no root block) that Relax must call
+    as they are: opaque, or its pattern analysis calls a simple one (the fp16 append) injective
+    and FuseTIR tries to merge it; scheduled, or dlight's CUDA rules try to schedule them."""
+    return func.with_attrs({"op_pattern": _OPAQUE, "tirx.is_scheduled": True})
 
 
 def _variant(target: Target) -> str:
