@@ -205,14 +205,15 @@ def test_stop_strings_cut_the_text_and_nothing_after_them_is_emitted(tvm_package
     prompt = list(range(10, 30))
     full = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=20))[0]
     assert EOS not in full.token_ids, "pick another prompt: this one stops early"
-    words = full.text.split(" ")  # one word per token
-    # A stop string from inside the 4th word to inside the 5th (or the end of a short one); the
-    # output stops at its first occurrence, on the token that completes it.
-    start = len(" ".join(words[:3])) + 2
-    stop = full.text[start:start + len(words[3]) + 2]
+    # The text continues the prompt's: every token is " w<id>", the first one's space included.
+    assert full.text == "".join(f" w{t}" for t in full.token_ids)
+    ends = np.cumsum([len(f" w{t}") for t in full.token_ids]).tolist()  # text length after each token
+    # A stop string from inside the 4th token's text to inside the 5th's; the output stops at its
+    # first occurrence, on the token that completes it.
+    stop = full.text[ends[2] + 2:ends[4] - 1]
     cut = full.text.index(stop)
-    tokens_to_stop = next(k for k in range(1, len(words) + 1) if len(" ".join(words[:k])) >= cut + len(stop))
-    never = words[1] + " w0000"  # its start keeps appearing, the whole never does
+    tokens_to_stop = next(k + 1 for k, end in enumerate(ends) if end >= cut + len(stop))
+    never = full.text[ends[0]:ends[1]] + " w0000"  # its start keeps appearing, the whole never does
     handle = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=20, stop=(never, stop)))
     while engine.has_work():
         engine.step()
@@ -224,11 +225,11 @@ def test_stop_strings_cut_the_text_and_nothing_after_them_is_emitted(tvm_package
     held = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=20, stop=(never,)))[0]
     assert held.text == full.text and held.finish_reason == "length"
 
-    by_token = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=20,
-                                                        stop_token_ids=(full.token_ids[6],)))[0]
-    assert by_token.token_ids == full.token_ids[:full.token_ids.index(full.token_ids[6]) + 1]
-    assert by_token.finish_reason == "stop"
-    assert by_token.text == " ".join(words[:len(by_token.token_ids) - 1])
+    stop_id = full.token_ids[6]
+    by_token = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=(stop_id,)))[0]
+    kept = full.token_ids.index(stop_id)
+    assert by_token.token_ids == full.token_ids[:kept + 1] and by_token.finish_reason == "stop"
+    assert by_token.text == (full.text[:ends[kept - 1]] if kept else "")
 
 
 def test_seeded_sampling_is_the_same_batched_and_alone(tvm_package):

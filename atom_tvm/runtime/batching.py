@@ -53,6 +53,8 @@ __all__ = ["SamplingParams", "RequestOutput", "Completion", "RequestHandle", "En
 log = logging.getLogger(__name__)
 
 _REPLACEMENT_CHAR = "\ufffd"
+#: Prompt tokens decoded before the first output token, so that it keeps its leading space.
+_DETOKENIZE_CONTEXT = 6
 #: Upper bounds (seconds) of the step-time histogram the metrics keep.
 STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -129,38 +131,39 @@ def _pending_stop_length(text: str, stops: tuple[str, ...]) -> int:
 class TextStream:
     """Incremental detokenization of one request's output, cut at its first stop string.
 
-    Tokenizers join pieces context-dependently (leading spaces, a character spread over several
-    byte tokens), so each new token is decoded together with the tokens since the last complete
-    piece, and only the text past what those decoded to before is new; a piece ending in an
-    incomplete character (U+FFFD) waits for the next token, and is given out as it is only when
-    the output ends there.
+    Tokenizers join pieces context-dependently (a SentencePiece decoder drops the leading space of
+    the first token it sees, a character may be spread over several byte tokens), so each new token
+    is decoded together with the tokens before it since the last complete piece (at first the
+    prompt's last few tokens, ``context``), and only the text past what those decoded to is new; a
+    piece ending in an incomplete character (U+FFFD) waits for the next token, and is given out as
+    it is only when the output ends there.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), context: list[int] = ()):
         self.tokenizer, self.stops = tokenizer, tuple(stops)
-        self.ids: list[int] = []
+        self._ids: list[int] = list(context)
         self.text = ""
         self.stopped = False  # a stop string was found: `text` ends where it began
         self._emitted = 0  # characters of `text` already handed out
-        self._prefix = self._read = 0  # ids[_prefix:_read] decoded to the text just before the new piece
+        self._prefix, self._read = 0, len(self._ids)  # _ids[_prefix:_read] decoded to the text before the new piece
         self._longest_stop = max((len(s) for s in self.stops), default=0)
 
     def _new_piece(self) -> str:
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        before = self.tokenizer.decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self._ids[self._prefix:], skip_special_tokens=True)
         return after[len(before):] if len(after) > len(before) else ""
 
     def _append(self, piece: str) -> None:
         start = max(0, len(self.text) - self._longest_stop + 1)
         self.text += piece
-        self._prefix, self._read = self._read, len(self.ids)
+        self._prefix, self._read = self._read, len(self._ids)
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[:min(hits)], True
 
     def push(self, token: int) -> bool:
         """Add a generated token; True when the text now contains a stop string (it is cut there)."""
-        self.ids.append(token)
+        self._ids.append(token)
         piece = self._new_piece()
         if piece and not piece.endswith(_REPLACEMENT_CHAR):
             self._append(piece)
@@ -168,7 +171,7 @@ class TextStream:
 
     def take(self, final: bool = False) -> str:
         """Text not handed out yet: unless ``final``, less a tail that may start a stop string."""
-        if final and not self.stopped and self._read < len(self.ids):
+        if final and not self.stopped and self._read < len(self._ids):
             self._append(self._new_piece())
         end = len(self.text) if final else len(self.text) - _pending_stop_length(self.text, self.stops)
         new = self.text[self._emitted:end]
@@ -191,7 +194,7 @@ class _Request:
         self.num_cached = 0  # tokens of `tokens` in the KV cache
         self.in_cache = False  # holds a KV sequence
         self.rng = np.random.default_rng(params.seed)
-        self.text = TextStream(tokenizer, params.stop)
+        self.text = TextStream(tokenizer, params.stop, context=prompt[-_DETOKENIZE_CONTEXT:])
         self.new_tokens: list[int] = []  # produced in this step, not yet delivered
 
     @property
