@@ -5,8 +5,8 @@ server-sent events, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /he
 ``GET /metrics`` (Prometheus text format).
 
 The HTTP side is aiohttp on one asyncio event loop; the engine steps in its own thread. A request
-is checked and tokenized on the loop (tokenizing in a worker thread, so a huge prompt does not stall
-the other clients), submitted to the engine, and its outputs come back through
+is checked on the loop, tokenized in a worker thread (so a huge prompt does not stall the other
+clients), submitted to the engine, and its outputs come back through
 ``loop.call_soon_threadsafe`` into a per-request queue. A client that disconnects has its request
 cancelled, which frees its KV pages before the next step. Every error is a JSON body in OpenAI's
 shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for bad input.
@@ -90,7 +90,7 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
 
 
 def _check_unsupported(body: dict) -> None:
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "'n' must be 1: one choice per request is supported", param="n")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") is not None:
         raise ApiError(400, "'logprobs' is not supported", param="logprobs")

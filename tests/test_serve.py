@@ -185,6 +185,7 @@ HUGE = " ".join(["w5"] * 300_000)
     ("/v1/completions", {"prompt": ""}, 400, "empty prompt"),
     ("/v1/completions", {"prompt": "w5", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "w5", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "w5", "seed": -1}, 400, "seed"),
     ("/v1/completions", {"prompt": "w5", "stop": [1]}, 400, "stop"),
     ("/v1/completions", {"prompt": "w5", "n": 2}, 400, "'n'"),
     ("/v1/completions", {"prompt": "w5", "stream": "yes"}, 400, "stream"),

@@ -78,8 +78,8 @@ class SamplingParams(GenerationConfig):
             raise UserError(f"top_p={self.top_p!r}: must be in (0, 1]")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise UserError(f"max_tokens={self.max_tokens!r}: must be an integer >= 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise UserError(f"seed={self.seed!r}: must be an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise UserError(f"seed={self.seed!r}: must be an integer >= 0")
         if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
             raise UserError(f"stop_token_ids={self.stop_token_ids!r}: must be integers")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -195,7 +195,6 @@ class _Request:
         self.in_cache = False  # holds a KV sequence
         self.rng = np.random.default_rng(params.seed)
         self.text = TextStream(tokenizer, params.stop, context=prompt[-_DETOKENIZE_CONTEXT:])
-        self.new_tokens: list[int] = []  # produced in this step, not yet delivered
 
     @property
     def num_uncached(self) -> int:
