@@ -4,6 +4,12 @@
         --quantization fp32 -o dist/smollm2-fp32-llvm
     python -m atom_tvm.build --model ... --target cuda --arch sm_80,sm_89,sm_90a \
         --quantization fp16 -o dist/smollm2-fp16-cuda
+    python -m atom_tvm.build --model models/SmolLM2-135M-Instruct-atom --target llvm \
+        --quantization atom-w4a4 -o dist/smollm2-atom-w4a4-llvm
+
+``--quantization`` picks a scheme of `atom_tvm.quantization.schemes` (fp32, fp16, w4a16, w8a8,
+atom-w4a4); atom-w4a4 builds from an Atom checkpoint (`python -m atom_tvm.quantize`), the others
+from a Hugging Face directory.
 
 Runs on any machine: CUDA code is compiled here by nvcc into SASS for every requested arch (no GPU
 needed), so the GPU host needs only the TVM runtime. The package is assembled in a temporary
@@ -21,9 +27,8 @@ from pathlib import Path
 from atom_tvm import package
 from atom_tvm.errors import UserError, run_command
 from atom_tvm.staging import check_output_dir, staged_output_dir
-from atom_tvm.hf_weights import iter_params, read_json, read_tokenizer_files
+from atom_tvm.hf_weights import read_json, read_tokenizer_files
 
-QUANTIZATIONS = {"fp32": "float32", "fp16": "float16"}
 DEFAULT_PAGE_SIZE = 16
 MODEL_LIB_NAME = "model-{target}.so"
 
@@ -41,12 +46,16 @@ class Progress:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m atom_tvm.build", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory")
+    p.add_argument("--model", required=True, type=Path,
+                   help="Hugging Face model directory (atom-w4a4: an Atom checkpoint from python -m atom_tvm.quantize)")
     p.add_argument("--target", required=True, help="llvm (CPU) or cuda")
     p.add_argument("--arch", default="", help="CUDA archs, comma separated, e.g. sm_80,sm_89,sm_90a")
-    p.add_argument("--quantization", default="fp16", help=f"one of {', '.join(QUANTIZATIONS)} (fp32: llvm only)")
-    p.add_argument("--kv-cache", default="tvm",
-                   help="tvm (TVM's paged cache in the model dtype) or Atom's quantized pages: int4, int8, fp16")
+    p.add_argument("--quantization", default="fp16",
+                   help="fp32 (llvm only), fp16, w4a16, w8a8 or atom-w4a4 (default fp16)")
+    p.add_argument("--group-size", type=int, default=None, help="w4a16: INT4 group size, 64 or 128 (default 128)")
+    p.add_argument("--kv-cache", default=None,
+                   help="tvm (TVM's paged cache in the model dtype) or Atom's quantized pages: int4, int8, fp16 "
+                        "(default: the scheme's, int4 for atom-w4a4 and tvm otherwise)")
     p.add_argument("-o", "--output", required=True, type=Path, help="package directory to create")
     p.add_argument("--context-window-size", type=int, default=None,
                    help="max tokens per sequence (default: the model's, capped at 4096)")
@@ -59,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def validate(args: argparse.Namespace):
     """All argument checks before any slow work, so bad input fails in a second."""
+    from atom_tvm.quantization.schemes import SchemeOptions, resolve
     from deploy.targets import make_target, parse_archs
     from relax_models.llama import LlamaConfig
 
@@ -66,21 +76,19 @@ def validate(args: argparse.Namespace):
         raise UserError(f"{args.model}: model directory not found; pass a Hugging Face model directory "
                         "(python -m atom_tvm.convert_gguf writes one for the bundled SmolLM2)")
     cfg = LlamaConfig.from_model_dir(args.model)
-    if args.quantization not in QUANTIZATIONS:
-        raise UserError(f"--quantization {args.quantization!r} is not supported; choose one of "
-                        f"{', '.join(QUANTIZATIONS)}")
+    scheme = resolve(args.quantization, args.model, cfg, SchemeOptions(group_size=args.group_size))
     if args.target not in ("llvm", "cuda"):
         make_target(args.target, [])  # raises with the list of valid targets
     if args.target == "cuda":
         if not args.arch:
             raise UserError("--target cuda needs --arch, e.g. --arch sm_80,sm_89,sm_90a")
         archs = parse_archs(args.arch)
-        if args.quantization == "fp32":
-            raise UserError("--quantization fp32 is for --target llvm; use fp16 on cuda")
     else:
         if args.arch:
             raise UserError("--arch is for --target cuda only")
         archs = []
+    scheme.check_target(args.target)
+    args.kv_cache = args.kv_cache or scheme.kv_cache
     atom_kv = None
     if args.kv_cache != "tvm":
         from relax_models.atom_kv_cache import AtomKVConfig
@@ -93,10 +101,10 @@ def validate(args: argparse.Namespace):
         raise UserError("--context-window-size must be >= 16 and --prefill-chunk-size >= 1")
     args.context_window_size = ctx
     args.prefill_chunk_size = min(args.prefill_chunk_size, ctx)
-    return cfg, make_target(args.target, archs), archs, atom_kv
+    return cfg, scheme, make_target(args.target, archs), archs, atom_kv
 
 
-def chat_config(args, cfg, model_dir: Path, lib_name: str) -> dict:
+def chat_config(args, cfg, scheme, model_dir: Path, lib_name: str) -> dict:
     """mlc-chat-config.json: what the runtime needs besides the library and the weights."""
     tok_cfg = read_json(model_dir / "tokenizer_config.json")
     gen_cfg = read_json(model_dir / "generation_config.json")
@@ -121,6 +129,7 @@ def chat_config(args, cfg, model_dir: Path, lib_name: str) -> dict:
     return {
         "model_type": "llama",
         "quantization": args.quantization,
+        "quantization_config": {**scheme.to_json(), "kv_cache": args.kv_cache},
         "model_config": hf_cfg,
         "context_window_size": args.context_window_size,
         "prefill_chunk_size": args.prefill_chunk_size,
@@ -143,7 +152,7 @@ def chat_config(args, cfg, model_dir: Path, lib_name: str) -> dict:
 
 def build(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    cfg, target, archs, atom_kv = validate(args)
+    cfg, scheme, target, archs, atom_kv = validate(args)
     progress = Progress(5)
     progress(f"model {args.model.name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
              f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
@@ -152,17 +161,17 @@ def build(argv: list[str] | None = None) -> Path:
 
     lib_name = MODEL_LIB_NAME.format(target=args.target)
     with staged_output_dir(args.output) as tmp:
-        conf = chat_config(args, cfg, args.model, lib_name)
+        conf = chat_config(args, cfg, scheme, args.model, lib_name)
         progress(f"compile for {args.target}{' ' + ','.join(archs) if archs else ''} "
                  f"({args.quantization}, context {args.context_window_size})")
-        expected = compile_model(cfg, QUANTIZATIONS[args.quantization], target, archs, tmp / lib_name,
+        expected = compile_model(cfg, scheme, target, archs, tmp / lib_name,
                                  metadata={"model_type": "llama", "quantization": args.quantization,
                                            "context_window_size": args.context_window_size,
                                            "prefill_chunk_size": args.prefill_chunk_size,
                                            "page_size": DEFAULT_PAGE_SIZE},
                                  atom_kv=atom_kv)
-        progress(f"weights: {len(expected)} tensors as {QUANTIZATIONS[args.quantization]}")
-        cache = package.write_tensor_cache(tmp, iter_params(args.model, expected))
+        progress(f"weights: {len(expected)} tensors ({scheme.name})")
+        cache = package.write_tensor_cache(tmp, scheme.params(args.model, expected))
         for f in read_tokenizer_files(args.model):
             shutil.copy2(f, tmp / f.name)
         package.write_json_atomic(tmp / package.CHAT_CONFIG, conf)

@@ -19,11 +19,11 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from atom_tvm.hf_weights import ParamSpec
+from atom_tvm.quantization.schemes import QuantizationScheme
 from relax_models.atom_kv_cache import AtomKVConfig
 from relax_models.llama import LlamaConfig, LlamaForCausalLM
 from tir_kernels.cpu_gemm import CPUGemm
-
-ParamSpec = tuple[str, tuple[int, ...], str]
 
 
 def _planned_bytes(func: relax.Function) -> int:
@@ -80,20 +80,28 @@ def _pipeline(target: Target, metadata: dict) -> tvm.transform.Pass:
     ])
 
 
-def export_model(cfg: LlamaConfig, dtype: str, target: Target,
+def export_model(cfg: LlamaConfig, scheme: QuantizationScheme, target: Target,
                  atom_kv: AtomKVConfig | None = None) -> tuple[tvm.IRModule, list[ParamSpec]]:
-    model = LlamaForCausalLM(cfg, dtype, target, atom_kv)
-    model.to(dtype)
+    """The Relax module of the Llama in ``scheme``'s dtype with its modules swapped by the scheme's
+    mutator, and the parameters it takes."""
+    model = LlamaForCausalLM(cfg, scheme.dtype, target, atom_kv)
+    model.to(scheme.dtype)  # before the mutator: its modules' parameters keep their own dtypes
+    if target.kind.name == "llvm" and scheme.dtype == "float16":
+        # The generic x86-64 target has no F16C: every float16 operand of a GEMM is converted by a
+        # library call, once per output row, which made the vocabulary-sized head of a float16
+        # SmolLM2 take 1.7 s a token and 2 minutes for 64 prefill logits. Its weights stay float32.
+        model.vocab_matrices_to("float32")
+    model = scheme.mutate(model, cfg, target)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     params = [(name, tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in named_params]
     return mod, params
 
 
-def compile_model(cfg: LlamaConfig, dtype: str, target: Target, archs: list[str], lib_path: Path,
-                  metadata: dict, atom_kv: AtomKVConfig | None = None) -> list[ParamSpec]:
+def compile_model(cfg: LlamaConfig, scheme: QuantizationScheme, target: Target, archs: list[str],
+                  lib_path: Path, metadata: dict, atom_kv: AtomKVConfig | None = None) -> list[ParamSpec]:
     """Compile and export the library; returns the (name, shape, dtype) of each parameter it takes.
     ``atom_kv`` builds in Atom's quantized KV cache instead of TVM's."""
-    mod, params = export_model(cfg, dtype, target, atom_kv)
+    mod, params = export_model(cfg, scheme, target, atom_kv)
     kv_layout = {"kind": "tvm", "num_hidden_layers": cfg.num_hidden_layers,
                  "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
                  "head_dim": cfg.head_dim}
@@ -102,10 +110,17 @@ def compile_model(cfg: LlamaConfig, dtype: str, target: Target, archs: list[str]
     metadata = {
         **metadata,
         "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in params],
-        "kv_cache": {**kv_layout, "dtype": dtype},
+        "kv_cache": {**kv_layout, "dtype": scheme.dtype},
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
     }
+    compile_module(mod, target, archs, metadata).export_library(str(lib_path))
+    return params
+
+
+def compile_module(mod: tvm.IRModule, target: Target, archs: list[str], metadata: dict | None = None):
+    """A Relax module through the package pipeline (``_metadata`` returns ``metadata``); CUDA code is
+    compiled here by nvcc for ``archs``. Returns TVM's executable."""
     codegen = contextlib.nullcontext()
     if target.kind.name == "cuda":
         from atom_tvm.cuda_build import enable_cuda_codegen, use_nvcc_fatbin
@@ -113,6 +128,4 @@ def compile_model(cfg: LlamaConfig, dtype: str, target: Target, archs: list[str]
         enable_cuda_codegen()
         codegen = use_nvcc_fatbin(archs)
     with codegen:
-        executable = tvm.compile(mod, target, relax_pipeline=_pipeline(target, metadata))
-    executable.export_library(str(lib_path))
-    return params
+        return tvm.compile(mod, target, relax_pipeline=_pipeline(target, metadata or {}))

@@ -21,6 +21,10 @@ _FUSED = {
     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
 _LAYER = re.compile(r"^(model\.layers\.\d+\.)(.+)$")
+#: A parameter of the compiled model: (name, shape, dtype).
+ParamSpec = tuple[str, tuple[int, ...], str]
+#: A float weight ``[N, K]`` -> the arrays that replace it in a quantized Linear, by field name.
+QuantizeWeight = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 class CheckpointReader:
@@ -68,6 +72,9 @@ class CheckpointReader:
     def names(self) -> set[str]:
         return set(self._where)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise UserError(f"{self.model_dir}: checkpoint has no tensor {name}")
@@ -82,15 +89,37 @@ def hf_names_for(param_name: str) -> tuple[str, ...]:
     return (param_name,)
 
 
-def iter_params(model_dir: Path, expected: list[tuple[str, tuple[int, ...], str]]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) for each expected (name, shape, dtype), cast to that dtype, in order."""
+def fused_tensor(reader: CheckpointReader, param_name: str) -> np.ndarray:
+    """One of our parameters from the checkpoint, concatenating the parts of a fused matrix."""
+    parts = [reader.get(n) for n in hf_names_for(param_name)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def iter_params(model_dir: Path, expected: list[ParamSpec],
+                quantize: QuantizeWeight | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) for each expected (name, shape, dtype), in order.
+
+    Float tensors are cast to the expected dtype; integer tensors (packed codes, indices) must
+    already have it, since a cast would silently change their meaning. With ``quantize``, a
+    parameter ``<linear>.<field>`` that the checkpoint lacks is ``quantize(<linear>.weight)[field]``
+    (each weight quantized once, for all of its fields).
+    """
     reader = CheckpointReader(model_dir)
+    quantized: dict[str, dict[str, np.ndarray]] = {}  # the Linear being emitted, by name
     for name, shape, dtype in expected:
-        parts = [reader.get(n) for n in hf_names_for(name)]
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        linear, _, field = name.rpartition(".")
+        if quantize is not None and name not in reader and field != "weight":
+            if linear not in quantized:
+                quantized = {linear: quantize(fused_tensor(reader, f"{linear}.weight"))}
+            array = quantized[linear][field]
+        else:
+            array = fused_tensor(reader, name)
         if tuple(array.shape) != tuple(shape):
             raise UserError(f"{model_dir}: {name} has shape {tuple(array.shape)} but config.json implies "
                             f"{tuple(shape)}; config and weights do not belong together")
+        if array.dtype != np.dtype(dtype) and not np.issubdtype(array.dtype, np.floating):
+            raise UserError(f"{model_dir}: {name} is {array.dtype}, the model reads {dtype}; "
+                            "the checkpoint was written for another layout")
         yield name, np.ascontiguousarray(array.astype(dtype, copy=False))
 
 

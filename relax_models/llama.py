@@ -3,7 +3,12 @@
 The module exports MLC-LLM's function names (`embed`, `prefill`, `decode`, `batch_prefill`,
 `batch_decode`, `create_paged_kv_cache`, `get_logits`, `softmax_with_temperature`) so a package built
 from it is laid out like an MLC package. Linear layers are plain `nn.Linear`: a quantization scheme
-swaps them out with a module mutator, so this file knows nothing of quantization.
+(`atom_tvm.quantization.schemes`) swaps modules out with a module mutator, so this file knows nothing
+of quantization. The forward code only keeps the seams such a swap needs: each norm's output goes
+straight into the projection that reads it (the projection derives the shapes), SiLU-and-mul is a
+module of its own, and the two projections that end a block add the residual themselves
+(`ResidualLinear`), so a quantized replacement can fuse norm and quantizer, activation and
+quantizer, and GEMM and residual add.
 
 Attention goes through a paged KV cache that applies RoPE (theta, llama3-style frequency scaling)
 to q and k itself: TVM's (`TIRPagedKVCache`, pages in the model's dtype, an opaque runtime object) or
@@ -109,6 +114,22 @@ class LlamaConfig:
         return cls.from_hf_dict(cfg, str(path))
 
 
+class ResidualLinear(nn.Linear):
+    """``x W^T + residual``: a projection whose output joins the residual stream, as one module so a
+    quantized replacement can add the residual in its GEMM's epilogue."""
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return super().forward(x) + residual
+
+
+class SiLUAndMul(nn.Module):
+    """``SiLU(gate) * up`` of the fused gate_up projection's output (gate first)."""
+
+    def forward(self, gate_up: Tensor) -> Tensor:
+        gate, up = op.split(gate_up, 2, axis=-1)
+        return op.silu(gate) * up
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         self.num_q_heads = cfg.num_attention_heads
@@ -117,13 +138,16 @@ class LlamaAttention(nn.Module):
         qkv_out = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
         # q, k and v share one matrix so the projection is one GEMM and the cache gets fused qkv.
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
-        self.o_proj = nn.Linear(self.num_q_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = ResidualLinear(self.num_q_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, kv: PagedKVCache | AtomPagedKVCache, layer_id: int) -> Tensor:
-        b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+    def forward(self, x, kv: PagedKVCache | AtomPagedKVCache, layer_id: int, residual: Tensor) -> Tensor:
+        """``residual + attention(x)``; ``x`` is whatever the layer's input norm returns (the shapes
+        come from the projection's output, so a quantized norm may hand over packed tensors)."""
+        qkv = self.qkv_proj(x)
+        b, s, _ = qkv.shape
+        qkv = op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
-        return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+        return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)), residual)
 
 
 class LlamaMLP(nn.Module):
@@ -131,11 +155,12 @@ class LlamaMLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         # gate and up share one matrix: one GEMM, then SiLU(gate) * up.
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = SiLUAndMul()
+        self.down_proj = ResidualLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+    def forward(self, x, residual: Tensor) -> Tensor:
+        """``residual + MLP(x)``, ``x`` as in `LlamaAttention.forward`."""
+        return self.down_proj(self.act(self.gate_up_proj(x)), residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -146,8 +171,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x: Tensor, kv: PagedKVCache | AtomPagedKVCache, layer_id: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), kv, layer_id, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class LlamaModel(nn.Module):
@@ -183,15 +208,27 @@ class LlamaForCausalLM(nn.Module):
             return paged_kv_cache
         return AtomPagedKVCache(self.atom_kv, self.target, paged_kv_cache, decode)
 
+    def vocab_matrices_to(self, dtype: str) -> None:
+        """Keep the vocabulary-sized matrices (embedding, lm_head) in ``dtype`` while the layers run
+        in the model dtype: ``embed`` casts its rows to the model dtype, ``get_logits`` multiplies in
+        the head's dtype."""
+        self.model.embed_tokens.to(dtype)
+        if not self.tie_word_embeddings:
+            self.lm_head.to(dtype)
+
     def get_logits(self, hidden_states: Tensor) -> Tensor:
+        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
+        if hidden_states.dtype != head.weight.dtype:
+            hidden_states = hidden_states.astype(head.weight.dtype)
         if self.tie_word_embeddings:
-            logits = op.matmul(hidden_states, op.permute_dims(self.model.embed_tokens.weight))
+            logits = op.matmul(hidden_states, op.permute_dims(head.weight))
         else:
             logits = self.lm_head(hidden_states)
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
+        rows = self.model.embed_tokens(input_ids)
+        return rows if rows.dtype == self.dtype else rows.astype(self.dtype)
 
     def prefill(self, input_embed: Tensor, paged_kv_cache):
         """One sequence's prompt chunk: logits of its last token."""

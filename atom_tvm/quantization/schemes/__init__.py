@@ -1,0 +1,174 @@
+"""Quantization schemes as build options (`python -m atom_tvm.build --quantization NAME`).
+
+A scheme is everything a build needs to know about one way of quantizing the Relax Llama:
+
+* its ``--quantization`` name, and the dtype the model runs in (activations, unquantized weights);
+* the KV cache it implies (``--kv-cache`` default; atom-w4a4: INT4 pages);
+* a module mutator (`QuantizationScheme.mutate`) that swaps the modules of `relax_models.llama`
+  (``nn.Linear``, ``ResidualLinear``, the decoder layers' ``RMSNorm``, ``SiLUAndMul``) for quantized
+  ones that call our TIR kernels through ``op.tensor_ir_op``; the model file itself knows nothing of
+  quantization;
+* the parameters of the mutated model, produced from the model directory
+  (`QuantizationScheme.params`): cast from the Hugging Face weights, quantized from them at build
+  time (w4a16, w8a8), or read from an Atom checkpoint (atom-w4a4);
+* what `mlc-chat-config.json` records about it (`QuantizationScheme.to_json`).
+
+The registry maps names to factories taking the model directory, its config and the build's
+scheme options (``--group-size``), since some schemes read their settings from the checkpoint.
+Each scheme lives in its own module of this package; `resolve` is the one entry point the build
+uses.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tvm import s_tir, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.target import Target
+
+from atom_tvm.errors import UserError
+from atom_tvm.hf_weights import ParamSpec, iter_params
+from relax_models.llama import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemeOptions:
+    """Build options that only some schemes use; ``None`` means the scheme's default."""
+
+    group_size: int | None = None
+
+
+class QuantizationScheme(abc.ABC):
+    """One ``--quantization`` choice; see the package docstring for the parts."""
+
+    #: The ``--quantization`` name.
+    name: str
+    #: dtype of activations and of every parameter the scheme leaves unquantized.
+    dtype: str = "float16"
+    #: ``--kv-cache`` when the user gives none: tvm (TVM's cache in ``dtype``) or an Atom format.
+    kv_cache: str = "tvm"
+
+    def check_target(self, target_kind: str) -> None:
+        """Refuse a target the scheme cannot be built for (default: every target)."""
+
+    def mutate(self, model: nn.Module, cfg: LlamaConfig, target: Target) -> nn.Module:
+        """The model with its modules swapped for quantized ones (called after ``model.to(dtype)``,
+        so the new modules' parameters keep their own dtypes). Default: unchanged."""
+        return model
+
+    def params(self, model_dir: Path, expected: list[ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for each parameter of the mutated model, in order. Default: the Hugging
+        Face weights, fused and cast."""
+        return iter_params(model_dir, expected)
+
+    def to_json(self) -> dict:
+        """What `mlc-chat-config.json` records under ``quantization_config``."""
+        return {"name": self.name, "dtype": self.dtype}
+
+
+SchemeFactory = Callable[[Path, LlamaConfig, SchemeOptions], QuantizationScheme]
+_REGISTRY: dict[str, SchemeFactory] = {}
+
+
+def register(name: str):
+    """Class or function decorator: ``factory(model_dir, cfg, options)`` builds scheme ``name``."""
+
+    def add(factory: SchemeFactory) -> SchemeFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def names() -> list[str]:
+    """Registered ``--quantization`` names, in registration order."""
+    _load_schemes()
+    return list(_REGISTRY)
+
+
+def resolve(name: str, model_dir: Path, cfg: LlamaConfig, options: SchemeOptions = SchemeOptions()
+            ) -> QuantizationScheme:
+    """The configured scheme ``name`` for this model (checks the model against the scheme)."""
+    _load_schemes()
+    if name not in _REGISTRY:
+        raise UserError(f"--quantization {name!r} is not supported; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](Path(model_dir), cfg, options)
+
+
+def _load_schemes() -> None:
+    # Importing the modules registers them; the order here is the order `names` lists.
+    from atom_tvm.quantization.schemes import fp16  # noqa: F401
+    from atom_tvm.quantization.schemes import w4a16  # noqa: F401
+    from atom_tvm.quantization.schemes import w8a8  # noqa: F401
+    from atom_tvm.quantization.schemes import atom_w4a4  # noqa: F401
+
+
+def refuse_group_size(name: str, options: SchemeOptions) -> None:
+    """For schemes without INT4 groups: a ``--group-size`` would be silently ignored, so refuse it."""
+    if options.group_size is not None:
+        raise UserError(f"--group-size is for w4a16 (atom-w4a4 takes it from its checkpoint); "
+                        f"--quantization {name} has no groups")
+
+
+# --- what the quantized modules share ----------------------------------------------------------------
+
+
+def kernel_variant(target: Target) -> str:
+    """``cpu`` or ``cuda``: the variant of the kernel families with one CUDA variant for every arch."""
+    return "cpu" if target.kind.name == "llvm" else "cuda"
+
+
+def opaque(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A hand-written kernel as Relax must treat it: never fused with its neighbours (FuseOps would
+    inline elementwise ops into it), never rescheduled by dlight (its CUDA variants bind threads).
+    Its global symbol goes too: the kernels name themselves by variant, not by shape, so two shapes
+    of one kernel would clash; the build names each after the GlobalVar it is added as."""
+    func = func.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})  # 8: kOpaque
+    return _block_rooted(func.without_attr("global_symbol"))
+
+
+def _block_rooted(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with its body inside an empty root block, as TVMScript's schedulable functions have.
+
+    Relax's RewriteDataflowReshape asks of every call_tir with one input whether the callee is a
+    reshape, and that analysis (HasReshapePattern) aborts, instead of answering no, on a body that
+    is not a block. The root block changes nothing in the lowered code.
+    """
+    if isinstance(func.body, s_tir.SBlockRealize):
+        return func
+    root = s_tir.SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=func.body)
+    return func.with_body(s_tir.SBlockRealize(iter_values=[], predicate=True, block=root))
+
+
+def cached_kernel(make: Callable[..., tirx.PrimFunc]) -> Callable[..., tirx.PrimFunc]:
+    """``make`` memoized on its arguments and marked `opaque`: every layer asks for the same few
+    shapes, and generating TVMScript costs tens of milliseconds each time."""
+    return functools.lru_cache(maxsize=None)(lambda *args: opaque(make(*args)))
+
+
+def rows(x: Tensor) -> tuple[Tensor, tuple]:
+    """``x [..., K]`` as the 2-D ``[M, K]`` the kernels take, and the leading shape to restore."""
+    *lead, k = x.shape
+    m = functools.reduce(lambda a, b: a * b, lead, 1)
+    return op.reshape(x, (m, k)), tuple(lead)
+
+
+def static_rows(m) -> int | None:
+    """M as an int when it is known at compile time (decode: 1), else None."""
+    if isinstance(m, int):
+        return m
+    if isinstance(m, tirx.IntImm):
+        return int(m.value)
+    return None
+
+
+def out_tensor(shape, dtype: str) -> Tensor:
+    """A placeholder for a kernel's destination-passing output."""
+    return Tensor.placeholder(tuple(shape), dtype)

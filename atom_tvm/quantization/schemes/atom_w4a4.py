@@ -1,0 +1,275 @@
+"""``atom-w4a4``: Atom's W4A4 Llama from an Atom checkpoint (`python -m atom_tvm.quantize`).
+
+Per decoder layer the mutator swaps in (kernels: `tir_kernels.quantize`, `tir_kernels.w4a4_gemm`)::
+
+    input_layernorm          RMSNorm + reorder + quantize (fused)  -> packed INT4 groups + INT8 outliers
+    self_attn.qkv_proj       W4A4 GEMM on the packed activation
+    self_attn.o_proj         reorder + quantize, then the W4A4 GEMM with the residual add in its epilogue
+    post_attention_layernorm RMSNorm + reorder + quantize (fused)
+    mlp.gate_up_proj         W4A4 GEMM
+    mlp.act                  SiLU(gate) * up + quantize (fused; down_proj's reorder is folded offline)
+    mlp.down_proj            W4A4 GEMM with the residual add in its epilogue
+
+so no float activation of a decoder Linear input is ever written to memory. Everything else stays
+float16 as in the checkpoint (embeddings, final norm, lm_head, attention), and the KV cache is
+Atom's with the checkpoint's KV format (INT4 by default; ``--kv-cache`` overrides it).
+
+The GEMM variant is picked per call site when the module is traced: a statically known M <= 16
+(``decode``, one token) takes the decode gemv kernel, every dynamic M (``prefill``,
+``batch_prefill``, ``batch_decode``) the tiled kernel, which is correct for any M. Relax could
+branch on M at run time only outside a dataflow block (``relax.If``), which the nn frontend does not
+emit, so a ``batch_decode`` of a few sequences runs the tiled kernel.
+
+The checkpoint's parameter names are the mutated model's: ``<linear>.q4/.s4/.q8/.s8``,
+``<norm>.weight`` (permuted) and ``<norm>.reorder_index``, ``self_attn.o_proj.reorder_index``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.target import Target
+
+from atom_tvm.errors import UserError
+from atom_tvm.hf_weights import CheckpointReader, ParamSpec, iter_params
+from atom_tvm.quantize import LAYOUT_VERSION, QUANT_CONFIG
+from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, cached_kernel, kernel_variant,
+                                           out_tensor, register, rows, static_rows)
+from relax_models.llama import LlamaConfig, LlamaDecoderLayer
+from tir_kernels import quantize as quantize_kernels
+from tir_kernels.w4a4_gemm import GEMV_MAX_M, W4A4Shape, w4a4_gemm, w4a4_gemv
+
+#: KV cache format of each of the checkpoint's ``kv_bits``.
+KV_FORMAT = {4: "int4", 8: "int8", 16: "fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AtomLayout:
+    """What every quantized module of the model is built for: INT4 group size ``G``, ``O`` INT8
+    outlier channels (the last O after the reorder), activation clip ratio."""
+
+    group_size: int
+    n_outliers: int
+    clip: float
+
+    def packed_shapes(self, rows_, k: int) -> list[tuple[tuple, str]]:
+        """(shape, dtype) of q4, s4, q8, s8 for ``rows_`` rows of ``k`` channels."""
+        return quantize_kernels.output_shapes(rows_, k, self.group_size, self.n_outliers)
+
+
+@dataclasses.dataclass
+class PackedActivation:
+    """Tokens quantized on the fly into Atom's layout: the quantizer kernel's four outputs, ``[M, ...]``,
+    and the leading shape (batch, sequence) of the tensor they came from."""
+
+    q4: Tensor
+    s4: Tensor
+    q8: Tensor
+    s8: Tensor
+    lead: tuple
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [self.q4, self.s4, self.q8, self.s8]
+
+
+_rmsnorm_quantize = cached_kernel(quantize_kernels.rmsnorm_reorder_quantize)
+_silu_mul_quantize = cached_kernel(quantize_kernels.silu_mul_quantize)
+_reorder_quantize = cached_kernel(quantize_kernels.reorder_quantize)
+
+
+@cached_kernel
+def _w4a4_kernel(target: Target, N: int, K: int, G: int, O: int, residual: bool, gemv: bool):
+    return (w4a4_gemv if gemv else w4a4_gemm)(target, N, K, G, O, residual)
+
+
+def _quantized(kernel, name: str, inputs: list, m, k: int, lead: tuple, layout: AtomLayout) -> PackedActivation:
+    outs = [out_tensor(shape, dtype) for shape, dtype in layout.packed_shapes(m, k)]
+    return PackedActivation(*op.tensor_ir_op(kernel, name, inputs, out=outs), lead)
+
+
+class RMSNormQuantize(nn.Module):
+    """RMSNorm (weight permuted offline) + reorder + per-token quantize: ``x [..., H]`` fp16 ->
+    `PackedActivation` of the reordered channels."""
+
+    def __init__(self, hidden: int, eps: float, layout: AtomLayout, target: Target):
+        self.hidden, self.eps, self.layout, self.target = hidden, eps, layout, target
+        self.weight = nn.Parameter((hidden,), "float16")
+        self.reorder_index = nn.Parameter((hidden,), "int32")
+
+    def forward(self, x: Tensor) -> PackedActivation:
+        flat, lead = rows(x)
+        lay = self.layout
+        kernel = _rmsnorm_quantize(self.hidden, lay.group_size, lay.n_outliers, lay.clip, self.eps,
+                                   kernel_variant(self.target))
+        return _quantized(kernel, "rmsnorm_reorder_quantize", [flat, self.weight, self.reorder_index],
+                          flat.shape[0], self.hidden, lead, lay)
+
+
+class SiLUMulQuantize(nn.Module):
+    """``SiLU(gate) * up`` + per-token quantize: ``gate_up [..., 2I]`` fp16 -> `PackedActivation`
+    (down_proj's input order is folded into the gate/up rows, so there is no reorder)."""
+
+    def __init__(self, intermediate: int, layout: AtomLayout, target: Target):
+        self.intermediate, self.layout, self.target = intermediate, layout, target
+
+    def forward(self, gate_up: Tensor) -> PackedActivation:
+        flat, lead = rows(gate_up)
+        lay = self.layout
+        kernel = _silu_mul_quantize(self.intermediate, lay.group_size, lay.n_outliers, lay.clip,
+                                    kernel_variant(self.target))
+        return _quantized(kernel, "silu_mul_quantize", [flat], flat.shape[0], self.intermediate, lead, lay)
+
+
+class W4A4Linear(nn.Module):
+    """``y = x W^T (+ residual)`` with W in Atom's packed layout and x a `PackedActivation`."""
+
+    def __init__(self, in_features: int, out_features: int, layout: AtomLayout, target: Target):
+        self.in_features, self.out_features, self.layout, self.target = in_features, out_features, layout, target
+        (q4, _), (s4, _), (q8, _), (s8, _) = layout.packed_shapes(out_features, in_features)
+        self.q4 = nn.Parameter(q4, "uint8")
+        self.s4 = nn.Parameter(s4, "float16")
+        self.q8 = nn.Parameter(q8, "int8")
+        self.s8 = nn.Parameter(s8, "float16")
+
+    def forward(self, x: PackedActivation, residual: Tensor | None = None) -> Tensor:
+        m = x.q4.shape[0]
+        n = self.out_features
+        static_m = static_rows(m)
+        gemv = kernel_variant(self.target) == "cuda" and static_m is not None and static_m <= GEMV_MAX_M
+        kernel = _w4a4_kernel(self.target, n, self.in_features, self.layout.group_size, self.layout.n_outliers,
+                              residual is not None, gemv)
+        args = [*x.tensors, self.q4, self.s4, self.q8, self.s8]
+        if residual is not None:
+            args.append(op.reshape(residual, (m, n)))
+        y = op.tensor_ir_op(kernel, "w4a4_gemv" if gemv else "w4a4_gemm", args, out=out_tensor((m, n), "float16"))
+        return op.reshape(y, (*x.lead, n))
+
+
+class ReorderQuantizeW4A4Linear(W4A4Linear):
+    """o_proj: its input (head-major attention output) is reordered and quantized at run time."""
+
+    def __init__(self, in_features: int, out_features: int, layout: AtomLayout, target: Target):
+        super().__init__(in_features, out_features, layout, target)
+        self.reorder_index = nn.Parameter((in_features,), "int32")
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        flat, lead = rows(x)
+        lay = self.layout
+        kernel = _reorder_quantize(self.in_features, lay.group_size, lay.n_outliers, lay.clip,
+                                   kernel_variant(self.target))
+        packed = _quantized(kernel, "reorder_quantize", [flat, self.reorder_index], flat.shape[0],
+                            self.in_features, lead, lay)
+        return super().forward(packed, residual)
+
+
+class AtomW4A4Mutator(nn.Mutator):
+    """Swaps each decoder layer's norms, SiLU-mul and Linears for the modules above; the final norm
+    and lm_head (not in a decoder layer) stay float16."""
+
+    def __init__(self, cfg: LlamaConfig, layout: AtomLayout, target: Target):
+        self.cfg, self.layout, self.target = cfg, layout, target
+
+    def visit_module(self, name: str, node: nn.Module):
+        if not isinstance(node, LlamaDecoderLayer):
+            return super().visit_module(name, node)
+        cfg, lay, tgt = self.cfg, self.layout, self.target
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        attn, mlp = node.self_attn, node.mlp
+        node.input_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt)
+        attn.qkv_proj = W4A4Linear(h, attn.qkv_proj.out_features, lay, tgt)
+        attn.o_proj = ReorderQuantizeW4A4Linear(attn.o_proj.in_features, h, lay, tgt)
+        node.post_attention_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt)
+        mlp.gate_up_proj = W4A4Linear(h, 2 * i, lay, tgt)
+        mlp.act = SiLUMulQuantize(i, lay, tgt)
+        mlp.down_proj = W4A4Linear(i, h, lay, tgt)
+        return node
+
+
+class AtomW4A4(QuantizationScheme):
+    name = "atom-w4a4"
+    dtype = "float16"
+
+    def __init__(self, layout: AtomLayout, kv_bits: int, quant_config: dict):
+        self.layout = layout
+        self.kv_cache = KV_FORMAT[kv_bits]
+        self.quant_config = quant_config
+
+    def mutate(self, model: nn.Module, cfg: LlamaConfig, target: Target) -> nn.Module:
+        return AtomW4A4Mutator(cfg, self.layout, target).visit("", model)
+
+    def params(self, model_dir: Path, expected: list[ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
+        """The checkpoint's tensors under their own names, except the decoder norms' weights.
+
+        The checkpoint stores each of those permuted, ``w[P]`` (so that ``norm(x[P]) * w[P]``), while
+        the fused kernel gathers the input channel ``P[j]`` and scales it by the weight of that same
+        source channel, ``weight[P[j]]``: it reads the weight in the residual stream's order, which
+        is the checkpoint's ``w[P]`` scattered back through ``P``.
+        """
+        reader = CheckpointReader(model_dir)
+        for name, array in iter_params(model_dir, expected):
+            if name.startswith("model.layers.") and name.endswith("layernorm.weight"):
+                index = reader.get(name.removesuffix("weight") + "reorder_index")
+                unpermuted = np.empty_like(array)
+                unpermuted[index] = array
+                array = unpermuted
+            yield name, array
+
+    def to_json(self) -> dict:
+        q = self.quant_config
+        return {**super().to_json(), "group_size": self.layout.group_size, "n_outliers": self.layout.n_outliers,
+                "activation_clip": self.layout.clip, "weight_clip": q["clip_w"], "gptq": q["gptq"],
+                "kv_bits": q["kv_bits"]}
+
+
+def read_quant_config(model_dir: Path) -> dict:
+    """The checkpoint's scheme (`atom_tvm.quantize`'s QuantConfig as a dict), checked."""
+    path = model_dir / QUANT_CONFIG
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no {QUANT_CONFIG}; --quantization atom-w4a4 builds from an Atom "
+                        f"checkpoint: pass --model DIR from python -m atom_tvm.quantize --model HF_DIR -o DIR")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if doc.get("layout_version") != LAYOUT_VERSION or doc.get("scheme") != "atom-w4a4":
+        raise UserError(f"{path}: layout {doc.get('layout_version')!r} of scheme {doc.get('scheme')!r}; this "
+                        f"build reads layout {LAYOUT_VERSION} of atom-w4a4 (re-run python -m atom_tvm.quantize)")
+    q = doc.get("config", {})
+    expected = {"w_bits": 4, "a_bits": 4, "outlier_bits": 8}
+    if any(q.get(k) != v for k, v in expected.items()) or q.get("kv_bits") not in KV_FORMAT:
+        raise UserError(f"{path}: config {q} is not W4A4 with INT8 outliers; re-run python -m atom_tvm.quantize")
+    return q
+
+
+def check_shapes(cfg: LlamaConfig, layout: AtomLayout) -> None:
+    """Every GEMM and quantizer of the model accepts its shape (named errors before compiling)."""
+    g, o = layout.group_size, layout.n_outliers
+    attn_width = cfg.num_attention_heads * cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    for what, n, k in (("qkv_proj", qkv, cfg.hidden_size), ("o_proj", cfg.hidden_size, attn_width),
+                       ("gate_up_proj", 2 * cfg.intermediate_size, cfg.hidden_size),
+                       ("down_proj", cfg.hidden_size, cfg.intermediate_size)):
+        try:
+            W4A4Shape(n, k, g, o).check()
+            if k % quantize_kernels.VEC:
+                raise UserError(f"K = {k} is not a multiple of {quantize_kernels.VEC}")
+        except UserError as err:
+            raise UserError(f"atom-w4a4 {what} ({n}x{k}, group {g}, {o} outliers): {err}") from None
+
+
+@register("atom-w4a4")
+def atom_w4a4(model_dir: Path, cfg: LlamaConfig, options: SchemeOptions) -> AtomW4A4:
+    q = read_quant_config(model_dir)
+    layout = AtomLayout(int(q["group_size"]), int(q["n_outliers"]), float(q["clip_a"]))
+    if options.group_size not in (None, layout.group_size):
+        raise UserError(f"--group-size {options.group_size}: the Atom checkpoint {model_dir} is quantized with "
+                        f"group size {layout.group_size} (omit --group-size, or re-quantize)")
+    check_shapes(cfg, layout)
+    return AtomW4A4(layout, int(q["kv_bits"]), q)
