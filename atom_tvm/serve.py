@@ -363,6 +363,9 @@ def prometheus_text(m: dict, http_responses: dict[int, int]) -> str:
         metric(f"{key}_total", "counter", help_text, [("", m[key])])
     metric("requests_finished_total", "counter", "Finished requests by reason.",
            [(f'{{reason="{reason}"}}', count) for reason, count in sorted(m["finished"].items())])
+    metric("steps_total", "counter", "Engine steps that ran a forward, by what they fed: decode tokens only, "
+           "prompt tokens only, or both (chunked prefill mixed with decode).",
+           [(f'{{kind="{kind}"}}', count) for kind, count in sorted(m["steps_by_kind"].items())])
     metric("http_responses_total", "counter", "HTTP responses by status code.",
            [(f'{{code="{code}"}}', count) for code, count in sorted(http_responses.items())])
     for key, name, help_text in _GAUGES:

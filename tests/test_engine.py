@@ -150,6 +150,7 @@ def test_200_mixed_requests_batched_give_the_same_greedy_outputs_as_alone(packag
     assert m["generated_tokens"] == sum(len(r.token_ids) for r in results)
     assert m["prefill_tokens"] == sum(map(len, prompts))  # nothing recomputed
     assert m["steps"] < sum(len(r.token_ids) for r in results) / 4  # requests did share steps
+    assert sum(m["steps_by_kind"].values()) == m["steps"] and min(m["steps_by_kind"].values()) > 0
 
 
 def test_a_small_kv_budget_queues_and_preempts_yet_changes_no_output(package, references):

@@ -298,6 +298,7 @@ class Engine:
             "generated_tokens": 0, "preemptions": 0, "steps": 0, "step_seconds_sum": 0.0,
             "step_seconds_buckets": [0] * len(STEP_SECONDS_BUCKETS),
             "finished": {"stop": 0, "length": 0, "abort": 0, "error": 0},
+            "steps_by_kind": {"decode": 0, "prefill": 0, "mixed": 0},
             "waiting": 0, "running": 0, "batch_size": 0, "kv_pages_used": 0,
         }
 
@@ -582,9 +583,11 @@ class Engine:
             req.num_cached += n
             if req.num_uncached == 0:
                 ready.append((row, req))
+        kind = "decode" if decoded == len(plan) else "prefill" if decoded == 0 else "mixed"
         with self._lock:
             self._metrics["prefill_tokens"] += len(ids) - decoded
             self._metrics["generated_tokens"] += len(ready)
+            self._metrics["steps_by_kind"][kind] += 1
         if not ready:
             return
         logits = logits._create_view(tvm_ffi.Shape([len(plan), 1, logits.shape[-1]]))
