@@ -1,0 +1,178 @@
+"""atom-w4a4 packages built from Atom checkpoints, on the CPU, against the quantizer's torch simulation.
+
+1. A random tiny Llama (2 layers, hidden 256, GQA 4/2, head_dim 64, norm weights drawn away from 1 so
+   their reorder matters), quantized by `python -m atom_tvm.quantize` (G = 64, 64 outliers, GPTQ) and
+   built with `python -m atom_tvm.build --quantization atom-w4a4` (INT4 KV implied). Its logits over a
+   chunked prefill and 30 greedy decode steps (teacher-forced into the references) are compared with
+   `simulate(preset("atom-w4a4", ...))` on the same calibration.
+
+   Tolerance: the package runs in float16 and the simulation in float32, and W4A4 amplifies that
+   difference: an activation that float16 moves across a rounding boundary changes its INT4 code by a
+   whole step. The measure of how much that alone moves the logits is the same simulation run in
+   float16 (`model.half()`): the package must be no farther from the float32 simulation than 1.5x
+   that distance, and below 0.75x the float model's own distance from it (measured: package 0.131,
+   float16 simulation 0.134, float model 0.259, in relative L2 of the logits). A wiring error is far
+   outside: with the checkpoint's permuted norm weights handed to the kernel as they are (which
+   scales each channel by another channel's weight) the package lands at 0.535.
+
+2. The real SmolLM2 (G = 64 for its 576 channels; a reduced calibration of 2 x 128 tokens and
+   round-to-nearest weights, the RTN checkpoint being bit-identical to the simulation's weights per
+   tests/test_quantize.py): perplexity of the CPU package on 4 x 256 held-out Wikipedia tokens against
+   the simulation's on the same windows, and a coherent greedy chat answer.
+
+   The issue's target is 1% of the simulation; docs/bench/atom_w4a4_smollm2.md has the full-size
+   numbers (GPTQ, 8 x 512 tokens: CPU -0.13%, H200 -1.09%). On these reduced windows float16 alone
+   moves the simulation's perplexity by 3.2% (the same simulation run in float16; measured 25.61 ->
+   26.44) and the package lands at 26.97 (+5.3%), so the bound here is 1% plus twice the float16
+   simulation's own distance, measured in the test (test 1 shows how far a wiring error moves the
+   logits of the tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cli import run_module
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from atom_tvm.build import build  # noqa: E402
+from atom_tvm.runtime.engine import ChatModel  # noqa: E402
+
+PROMPT_LEN, STEPS, CHUNK = 37, 30, 16
+TINY_QUANT = ("--group-size", "64", "--n-outliers", "64", "--calib-windows", "4", "--calib-window-length", "128")
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer_dir):
+    """(HF dir, calibration text, Atom checkpoint, package)."""
+    root = tmp_path_factory.mktemp("tiny-atom")
+    torch.manual_seed(7)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # random init gives near-uniform logits; sharpen them
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.uniform_(0.5, 1.5)
+    hf = root / "hf"
+    model.save_pretrained(hf)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, hf / f.name)
+    calib = root / "calib.txt"
+    calib.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 512, 3000)))
+    ckpt = root / "atom"
+    proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pkg = build(["--model", str(ckpt), "--target", "llvm", "--quantization", "atom-w4a4", "-o", str(root / "pkg"),
+                 "--prefill-chunk-size", str(CHUNK), "--context-window-size", "128", "--conv-template", "chatml"])
+    return hf, calib, ckpt, pkg
+
+
+def simulated_logits(hf, calib, ids: list[int], half: bool) -> np.ndarray:
+    from atom_tvm.quantization.calibrate import calibrate, load_float_model
+    from atom_tvm.quantization.simulate import preset, simulate
+
+    model = load_float_model(hf, "cpu")
+    stats = calibrate(hf, str(calib), "train", 4, 128, hessian=True, model=model)
+    simulate(model, preset("atom-w4a4", group_size=64, n_outliers=64), stats, progress=False)
+    if half:
+        model = model.half()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def test_tiny_package_matches_the_simulation(tiny):
+    hf, calib, ckpt, pkg = tiny
+    config = json.loads((pkg / "mlc-chat-config.json").read_text())
+    assert config["quantization"] == "atom-w4a4"
+    assert {"name": "atom-w4a4", "group_size": 64, "n_outliers": 64, "kv_cache": "int4",
+            "activation_clip": 0.9}.items() <= config["quantization_config"].items()
+    chat = ChatModel(pkg, "cpu")
+    assert chat.metadata["kv_cache"]["format"] == "int4" and chat.metadata["kv_cache"]["dtype"] == "float16"
+    params = {p["name"]: p["dtype"] for p in chat.metadata["params"]}
+    assert params["model.layers.1.mlp.down_proj.q4"] == "uint8" and params["model.layers.0.self_attn.o_proj.q8"] == "int8"
+
+    prompt = np.random.default_rng(11).integers(3, 512, PROMPT_LEN).tolist()
+    rows, tokens = [], []
+    logits = chat.prefill(prompt)
+    for _ in range(STEPS):
+        rows.append(logits.numpy().reshape(-1))
+        tokens.append(int(rows[-1].argmax()))
+        logits = chat.decode(tokens[-1])
+    ours = np.stack(rows)
+    ids = prompt + tokens[:-1]
+    steps = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + STEPS)
+    sim = simulated_logits(hf, calib, ids, half=False)[steps]
+    sim_half = simulated_logits(hf, calib, ids, half=True)[steps]
+    model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
+    with torch.no_grad():
+        float_logits = model(torch.tensor([ids])).logits[0].double().numpy()[steps]
+    half_spread, quant_error = rel_l2(sim_half, sim), rel_l2(float_logits, sim)
+    distance = rel_l2(ours, sim)
+    assert distance < 1.5 * half_spread, (distance, half_spread)
+    assert distance < 0.75 * quant_error, (distance, quant_error)
+
+
+# --- SmolLM2 ---------------------------------------------------------------------------------------
+
+SMOL_CALIB = ("--calib-windows", "2", "--calib-window-length", "128")
+PPL_WINDOWS, PPL_WINDOW = 4, 256
+
+
+@pytest.fixture(scope="module")
+def smollm2_atom(smollm2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2-atom")
+    proc = run_module("atom_tvm.quantize", "--model", smollm2_dir, "-o", root / "ckpt", "--group-size", "64",
+                      "--no-gptq", *SMOL_CALIB)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("atom_tvm.build", "--model", root / "ckpt", "--target", "llvm", "--quantization", "atom-w4a4",
+                      "-o", root / "pkg", "--context-window-size", "1024")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "pkg"
+
+
+def test_smollm2_package_perplexity_against_the_simulation(smollm2_dir, smollm2_atom, tmp_path):
+    """The package through `python -m atom_tvm.eval ppl`; the simulation through the same command's
+    functions (the CLI has no switch for round-to-nearest weights), on the same windows, in float32 and,
+    as the measure of what float16 alone does to a W4A4 model, in float16."""
+    from atom_tvm.datasets import WIKIPEDIA, encode, load_text, token_windows
+    from atom_tvm.eval import hf_window_logits, perplexity
+    from atom_tvm.quantization.calibrate import calibrate, load_float_model
+    from atom_tvm.quantization.simulate import preset, simulate
+
+    out = tmp_path / "package.json"
+    proc = run_module("atom_tvm.eval", "ppl", "--model", smollm2_atom, "--window", PPL_WINDOW,
+                      "--max-windows", PPL_WINDOWS, "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    package = json.loads(out.read_text())
+    assert package["kv_cache"] == "int4" and package["quantization"] == "atom-w4a4"
+
+    model = load_float_model(smollm2_dir, "cpu")
+    stats = calibrate(smollm2_dir, WIKIPEDIA, "train", 2, 128, hessian=False, model=model)
+    simulate(model, preset("atom-w4a4", group_size=64, gptq=False), stats, progress=False)
+    windows = token_windows(encode(smollm2_dir / "tokenizer.json", load_text(WIKIPEDIA, "test")), PPL_WINDOW,
+                            PPL_WINDOWS)
+    simulation = perplexity(hf_window_logits(model), windows, progress=False)["ppl"]
+    half_simulation = perplexity(hf_window_logits(model.half()), windows, progress=False)["ppl"]
+    float16_effect = abs(half_simulation / simulation - 1)
+    assert abs(package["ppl"] / simulation - 1) < 0.01 + 2 * float16_effect, (package["ppl"], simulation,
+                                                                               half_simulation)
+
+
+def test_smollm2_package_answers_coherently(smollm2_atom):
+    proc = run_module("atom_tvm.chat", smollm2_atom, "--prompt", "What is the capital of France?",
+                      "--temperature", "0", "--max-tokens", "24")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in proc.stdout, proc.stdout
