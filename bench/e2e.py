@@ -21,12 +21,12 @@ vLLM paper reports them (161 prompt, 338 output tokens; sigma 1), prompts capped
 outputs at 1024, token ids uniform; seeded. Nothing ends a request early: the package's EOS id is
 ``vocab_size``, which the model cannot produce.
 
-A point is one wave of B requests through one engine (``max_batch`` B): the engine prefills every
-prompt (chunked, ``prefill_chunk_size`` tokens a step), then decodes; we time each step and report
-the decode-only steps of a window of ``--decode-steps`` steps after the last prefill: generated
-tokens/s over those steps and their mean latency (one token per running request per step, so the
-step latency is the per-token decode latency). The prefill phase is reported separately (prompt
-tokens/s). Under the fixed memory budget (``--budget-gib``, weights plus KV cache) each scheme runs
+A point is one wave of B requests, submitted at once to an engine with room for all of them: the
+engine prefills the prompts (chunks of ``prefill_chunk_size`` tokens a step, decoding the requests
+already prefilled in the same steps), then runs decode-only steps; we time each step and report the
+first ``--decode-steps`` decode-only steps: generated tokens/s over them and their mean latency (one
+token per running request per step, so the step latency is the per-token decode latency). The
+prompt phase before them is reported separately (prompt tokens/s, its decode work included). Under the fixed memory budget (``--budget-gib``, weights plus KV cache) each scheme runs
 at the largest batch whose whole wave (prompt plus output of every request) fits the KV cache
 left after its weights, with the engine's cache sized to exactly that remainder.
 
