@@ -31,6 +31,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 from atom_tvm.errors import UserError
+from relax_models.kernel_calls import kernel_variant, opaque
 from tir_kernels import kv_attention
 
 #: KV formats of this cache (``bits`` of `tir_kernels.kv_attention`) by the name a build takes.
@@ -88,22 +89,6 @@ class AtomKVConfig:
                 "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim}
 
 
-#: relax's OpPatternKind kOpaque.
-_OPAQUE = 8
-
-
-def _opaque(func):
-    """Our kernels are finished TIR (explicit loops and threads, no root block) that Relax must call
-    as they are: opaque, or its pattern analysis calls a simple one (the fp16 append) injective
-    and FuseTIR tries to merge it; scheduled, or dlight's CUDA rules try to schedule them."""
-    return func.with_attrs({"op_pattern": _OPAQUE, "tirx.is_scheduled": True})
-
-
-def _variant(target: Target) -> str:
-    """The kv_attention variant a target gets (one CUDA variant serves every supported arch)."""
-    return "cpu" if target.kind.name == "llvm" else "cuda"
-
-
 class AtomPagedKVCache:
     """One forward step's view of the cache: `attention_with_fused_qkv` like TVM's PagedKVCache."""
 
@@ -114,7 +99,14 @@ class AtomPagedKVCache:
         self.cfg, self.decode = cfg, decode
         self.pages = list(tensors[:n_pages])
         self.tables = dict(zip(TABLE_NAMES, tensors[n_pages:]))
-        self.variant = _variant(target)
+        variant = kernel_variant(target)
+        # One PrimFunc object per kernel, so the layers' calls share one function in the module.
+        self.append_kernel = opaque(kv_attention.append(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                        cfg.rope_theta, cfg.page_size, variant,
+                                                        rope_scaling=cfg.rope_scaling))
+        attend = kv_attention.decode if decode else kv_attention.prefill
+        self.attend_kernel = opaque(attend(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size,
+                                           variant))
 
     def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_q_heads: int, sm_scale: float) -> Tensor:
         """``qkv [b, s, H_q + 2 H_kv, D]`` -> attention output ``[b, s, H_q, D]`` in qkv's dtype.
@@ -131,23 +123,18 @@ class AtomPagedKVCache:
             flat = flat.astype("float16")
         layer = tirx.IntImm("int32", layer_id)
         t = self.tables
-        append = _opaque(kv_attention.append(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                                     cfg.page_size, self.variant, rope_scaling=cfg.rope_scaling))
         q_shape = (n, cfg.num_q_heads, dim)
         *self.pages, q = op.tensor_ir_inplace_op(
-            append, "kv_append", [flat, t["positions"], t["append_slots"], *self.pages, layer],
+            self.append_kernel, "kv_append", [flat, t["positions"], t["append_slots"], *self.pages, layer],
             inplace_indices=[3 + i for i in range(len(self.pages))] + [-1],
             out=[Tensor.placeholder(p.shape, p.dtype) for p in self.pages] + [Tensor.placeholder(q_shape, "float16")])
         tables = [t["page_indptr"], t["page_indices"], t["last_page_len"]]
         out = Tensor.placeholder(q_shape, "float16")
         if self.decode:
-            kernel = _opaque(kv_attention.decode(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                 cfg.page_size, self.variant))
-            o = op.tensor_ir_op(kernel, "kv_decode", [q, *self.pages, layer, *tables], out=out)
+            o = op.tensor_ir_op(self.attend_kernel, "kv_decode", [q, *self.pages, layer, *tables], out=out)
         else:
-            kernel = _opaque(kv_attention.prefill(cfg.bits, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                  cfg.page_size, self.variant))
-            o = op.tensor_ir_op(kernel, "kv_prefill", [q, t["qo_indptr"], *self.pages, layer, *tables], out=out)
+            o = op.tensor_ir_op(self.attend_kernel, "kv_prefill", [q, t["qo_indptr"], *self.pages, layer, *tables],
+                                out=out)
         o = op.reshape(o, (b, s, cfg.num_q_heads, dim))
         return o if qkv.dtype == "float16" else o.astype(qkv.dtype)
 
@@ -159,8 +146,8 @@ def create_pages(cfg: AtomKVConfig, num_pages) -> tuple[Tensor, ...]:
 
 def copy_pages(cfg: AtomKVConfig, target: Target, pages, src: Tensor, dst: Tensor) -> tuple[Tensor, ...]:
     """Every layer's page ``src[i]`` copied onto page ``dst[i]`` in place (copy-on-write after a fork)."""
-    kernel = _opaque(kv_attention.copy_pages(cfg.bits, cfg.num_kv_heads, cfg.head_dim, cfg.page_size,
-                                             _variant(target)))
+    kernel = opaque(kv_attention.copy_pages(cfg.bits, cfg.num_kv_heads, cfg.head_dim, cfg.page_size,
+                                            kernel_variant(target)))
     outs = op.tensor_ir_inplace_op(kernel, "kv_copy_pages", [*pages, src, dst],
                                    inplace_indices=list(range(len(pages))),
                                    out=[Tensor.placeholder(p.shape, p.dtype) for p in pages])

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
@@ -118,39 +118,6 @@ def refuse_group_size(name: str, options: SchemeOptions) -> None:
 
 
 # --- what the quantized modules share ----------------------------------------------------------------
-
-
-def kernel_variant(target: Target) -> str:
-    """``cpu`` or ``cuda``: the variant of the kernel families with one CUDA variant for every arch."""
-    return "cpu" if target.kind.name == "llvm" else "cuda"
-
-
-def opaque(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """A hand-written kernel as Relax must treat it: never fused with its neighbours (FuseOps would
-    inline elementwise ops into it), never rescheduled by dlight (its CUDA variants bind threads).
-    Its global symbol goes too: the kernels name themselves by variant, not by shape, so two shapes
-    of one kernel would clash; the build names each after the GlobalVar it is added as."""
-    func = func.with_attr({"op_pattern": 8, "tirx.is_scheduled": True})  # 8: kOpaque
-    return _block_rooted(func.without_attr("global_symbol"))
-
-
-def _block_rooted(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with its body inside an empty root block, as TVMScript's schedulable functions have.
-
-    Relax's RewriteDataflowReshape asks of every call_tir with one input whether the callee is a
-    reshape, and that analysis (HasReshapePattern) aborts, instead of answering no, on a body that
-    is not a block. The root block changes nothing in the lowered code.
-    """
-    if isinstance(func.body, s_tir.SBlockRealize):
-        return func
-    root = s_tir.SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=func.body)
-    return func.with_body(s_tir.SBlockRealize(iter_values=[], predicate=True, block=root))
-
-
-def cached_kernel(make: Callable[..., tirx.PrimFunc]) -> Callable[..., tirx.PrimFunc]:
-    """``make`` memoized on its arguments and marked `opaque`: every layer asks for the same few
-    shapes, and generating TVMScript costs tens of milliseconds each time."""
-    return functools.lru_cache(maxsize=None)(lambda *args: opaque(make(*args)))
 
 
 def rows(x: Tensor) -> tuple[Tensor, tuple]:

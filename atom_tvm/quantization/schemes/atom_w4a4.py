@@ -39,8 +39,9 @@ from tvm.target import Target
 from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import CheckpointReader, ParamSpec, iter_params
 from atom_tvm.quantize import LAYOUT_VERSION, QUANT_CONFIG
-from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, cached_kernel, kernel_variant,
-                                           out_tensor, register, rows, static_rows)
+from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, out_tensor, register, rows,
+                                           static_rows)
+from relax_models.kernel_calls import cached_kernel, kernel_variant
 from relax_models.llama import LlamaConfig, LlamaDecoderLayer
 from tir_kernels import quantize as quantize_kernels
 from tir_kernels.w4a4_gemm import GEMV_MAX_M, W4A4Shape, w4a4_gemm, w4a4_gemv

@@ -29,8 +29,8 @@ from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import ParamSpec, iter_params
 from atom_tvm.quantization import formats
 from atom_tvm.quantize import check_sizes
-from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, cached_kernel,
-                                           out_tensor, register, rows)
+from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, out_tensor, register, rows)
+from relax_models.kernel_calls import cached_kernel
 from relax_models.llama import LlamaConfig, LlamaDecoderLayer
 from tir_kernels.dense_gemm import fp16_gemm
 

@@ -29,8 +29,9 @@ from tvm.target import Target
 
 from atom_tvm.hf_weights import ParamSpec, iter_params
 from atom_tvm.quantization import formats
-from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, cached_kernel,
-                                           out_tensor, refuse_group_size, register, rows)
+from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, out_tensor, refuse_group_size,
+                                           register, rows)
+from relax_models.kernel_calls import cached_kernel
 from relax_models.llama import LlamaConfig, LlamaDecoderLayer
 from tir_kernels.dense_gemm import int8_gemm
 
