@@ -45,7 +45,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
@@ -206,34 +205,17 @@ def random_param(shape: tuple[int, ...], dtype: str, device: str, gen):
 
 def random_package(package_dir: Path, device: str, seed: int):
     """`LoadedPackage` of a library-only package, its parameters random tensors made on the device
-    through DLPack: the tensor cache reader is swapped for a generator while the package loads."""
+    and handed to TVM through DLPack (no copy)."""
     import torch
     import tvm_ffi
 
-    from atom_tvm import package
     from atom_tvm.runtime.engine import LoadedPackage
 
     gen = torch.Generator(device=device).manual_seed(seed)
-
-    def random_tensor_cache(_pkg_dir, expected):
-        return _LazyParams({name: (shape, dtype) for name, shape, dtype in expected},
-                           lambda shape, dtype: tvm_ffi.from_dlpack(random_param(shape, dtype, device, gen)))
-
-    with mock.patch.object(package, "load_tensor_cache", random_tensor_cache):
-        pkg = LoadedPackage(package_dir, device)
-    release_device_memory(device)  # the torch originals of the copies
+    pkg = LoadedPackage(package_dir, device, make_param=lambda _name, shape, dtype: tvm_ffi.from_dlpack(
+        random_param(shape, dtype, device, gen)))
+    release_device_memory(device)
     return pkg
-
-
-class _LazyParams(dict):
-    """name -> tensor, made when first looked up, so one parameter at a time lives twice."""
-
-    def __init__(self, specs: dict, make):
-        super().__init__()
-        self._specs, self._make = specs, make
-
-    def __missing__(self, name):
-        return self._make(*self._specs[name])
 
 
 def weight_bytes(metadata: dict) -> int:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import tvm
@@ -64,7 +64,10 @@ def sample_token(probs: np.ndarray, top_p: float, rng: np.random.Generator) -> i
 class LoadedPackage:
     """A package's library, weights, tokenizer and config, loaded on one device (no KV cache)."""
 
-    def __init__(self, package_dir: str | Path, device: str = "cpu"):
+    def __init__(self, package_dir: str | Path, device: str = "cpu",
+                 make_param: Callable[[str, tuple, str], tvm.runtime.Tensor] | None = None):
+        """``make_param(name, shape, dtype)``, for benchmarks of libraries built without weights, makes
+        each parameter on the device instead of reading the package's tensor cache."""
         self.package_dir = Path(package_dir)
         if not self.package_dir.is_dir():
             raise UserError(f"{self.package_dir}: package directory not found; build one with python -m atom_tvm.build")
@@ -79,8 +82,11 @@ class LoadedPackage:
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
         self.metadata = json.loads(self.vm["_metadata"]())
         expected = [(p["name"], tuple(p["shape"]), p["dtype"]) for p in self.metadata["params"]]
-        arrays = package.load_tensor_cache(self.package_dir, expected)
-        self.params = [tvm.runtime.tensor(arrays[name], self.device) for name, _, _ in expected]
+        if make_param is None:
+            arrays = package.load_tensor_cache(self.package_dir, expected)
+            self.params = [tvm.runtime.tensor(arrays[name], self.device) for name, _, _ in expected]
+        else:
+            self.params = [make_param(name, shape, dtype) for name, shape, dtype in expected]
         self.dtype = self.metadata["kv_cache"]["dtype"]
         self.hidden_size = self.metadata["hidden_size"]
         self.context_window_size = int(self.config["context_window_size"])
