@@ -35,7 +35,7 @@ from tvm.target import Target
 
 from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import ParamSpec, iter_params
-from relax_models.llama import LlamaConfig
+from relax_models.llama import LlamaConfig, LlamaDecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,3 +139,20 @@ def static_rows(m) -> int | None:
 def out_tensor(shape, dtype: str) -> Tensor:
     """A placeholder for a kernel's destination-passing output."""
     return Tensor.placeholder(tuple(shape), dtype)
+
+
+class DecoderLinearMutator(nn.Mutator):
+    """Every projection of every decoder layer (qkv, o, gate_up, down) becomes
+    ``make_linear(in_features, out_features)``; lm_head and the norms stay as they are."""
+
+    def __init__(self, make_linear: Callable[[int, int], nn.Module]):
+        self.make_linear = make_linear
+
+    def visit_module(self, name: str, node: nn.Module):
+        if not isinstance(node, LlamaDecoderLayer):
+            return super().visit_module(name, node)
+        for parent, attr in ((node.self_attn, "qkv_proj"), (node.self_attn, "o_proj"),
+                             (node.mlp, "gate_up_proj"), (node.mlp, "down_proj")):
+            linear = getattr(parent, attr)
+            setattr(parent, attr, self.make_linear(linear.in_features, linear.out_features))
+        return node

@@ -29,9 +29,10 @@ from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import ParamSpec, iter_params
 from atom_tvm.quantization import formats
 from atom_tvm.quantize import check_sizes
-from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, out_tensor, register, rows)
+from atom_tvm.quantization.schemes import (DecoderLinearMutator, QuantizationScheme, SchemeOptions, out_tensor,
+                                           register, rows)
 from relax_models.kernel_calls import cached_kernel
-from relax_models.llama import LlamaConfig, LlamaDecoderLayer
+from relax_models.llama import LlamaConfig
 from tir_kernels.dense_gemm import fp16_gemm
 
 DEFAULT_GROUP_SIZE = 128
@@ -71,22 +72,6 @@ class W4A16Linear(nn.Module):
         return op.reshape(y, (*lead, n))
 
 
-class W4A16Mutator(nn.Mutator):
-    """Every Linear of every decoder layer becomes a `W4A16Linear`; lm_head stays float16."""
-
-    def __init__(self, group_size: int, target: Target):
-        self.group_size, self.target = group_size, target
-
-    def visit_module(self, name: str, node: nn.Module):
-        if not isinstance(node, LlamaDecoderLayer):
-            return super().visit_module(name, node)
-        for parent, attr in ((node.self_attn, "qkv_proj"), (node.self_attn, "o_proj"),
-                             (node.mlp, "gate_up_proj"), (node.mlp, "down_proj")):
-            linear = getattr(parent, attr)
-            setattr(parent, attr, W4A16Linear(linear.in_features, linear.out_features, self.group_size, self.target))
-        return node
-
-
 class W4A16(QuantizationScheme):
     name = "w4a16"
     dtype = "float16"
@@ -95,7 +80,7 @@ class W4A16(QuantizationScheme):
         self.group_size = group_size
 
     def mutate(self, model: nn.Module, cfg: LlamaConfig, target: Target) -> nn.Module:
-        return W4A16Mutator(self.group_size, target).visit("", model)
+        return DecoderLinearMutator(lambda k, n: W4A16Linear(k, n, self.group_size, target)).visit("", model)
 
     def quantize_weight(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """A float weight ``[N, K]`` as the ``.q4``/``.s4`` parameters of `W4A16Linear`."""

@@ -29,10 +29,10 @@ from tvm.target import Target
 
 from atom_tvm.hf_weights import ParamSpec, iter_params
 from atom_tvm.quantization import formats
-from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, out_tensor, refuse_group_size,
-                                           register, rows)
+from atom_tvm.quantization.schemes import (DecoderLinearMutator, QuantizationScheme, SchemeOptions, out_tensor,
+                                           refuse_group_size, register, rows)
 from relax_models.kernel_calls import cached_kernel
-from relax_models.llama import LlamaConfig, LlamaDecoderLayer
+from relax_models.llama import LlamaConfig
 from tir_kernels.dense_gemm import int8_gemm
 
 _INT8_MAX = 127
@@ -77,22 +77,6 @@ class W8A8Linear(nn.Module):
         return op.reshape(y, (*lead, n))
 
 
-class W8A8Mutator(nn.Mutator):
-    """Every Linear of every decoder layer becomes a `W8A8Linear`; lm_head stays float16."""
-
-    def __init__(self, target: Target):
-        self.target = target
-
-    def visit_module(self, name: str, node: nn.Module):
-        if not isinstance(node, LlamaDecoderLayer):
-            return super().visit_module(name, node)
-        for parent, attr in ((node.self_attn, "qkv_proj"), (node.self_attn, "o_proj"),
-                             (node.mlp, "gate_up_proj"), (node.mlp, "down_proj")):
-            linear = getattr(parent, attr)
-            setattr(parent, attr, W8A8Linear(linear.in_features, linear.out_features, self.target))
-        return node
-
-
 def quantize_weight(w: np.ndarray) -> dict[str, np.ndarray]:
     """A float weight ``[N, K]`` as the ``.q8``/``.s8`` parameters of `W8A8Linear`."""
     q, s = formats.quantize_sym(w, 8, w.shape[1])
@@ -104,7 +88,7 @@ class W8A8(QuantizationScheme):
     dtype = "float16"
 
     def mutate(self, model: nn.Module, cfg: LlamaConfig, target: Target) -> nn.Module:
-        return W8A8Mutator(target).visit("", model)
+        return DecoderLinearMutator(lambda k, n: W8A8Linear(k, n, target)).visit("", model)
 
     def params(self, model_dir: Path, expected: list[ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
         return iter_params(model_dir, expected, quantize_weight)
