@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache", default=None,
                    help="tvm (TVM's paged cache in the model dtype) or Atom's quantized pages: int4, int8, fp16 "
                         "(default: the scheme's, int4 for atom-w4a4 and tvm otherwise)")
+    p.add_argument("--tensor-parallel-shards", type=int, default=1,
+                   help="split the model over N GPUs of one host (Megatron-style; heads, KV heads and MLP "
+                        "channels must divide by N; atom-w4a4 needs a checkpoint quantized for N)")
     p.add_argument("-o", "--output", required=True, type=Path, help="package directory to create")
     p.add_argument("--context-window-size", type=int, default=None,
                    help="max tokens per sequence (default: the model's, capped at 4096)")
@@ -76,7 +79,11 @@ def validate(args: argparse.Namespace):
         raise UserError(f"{args.model}: model directory not found; pass a Hugging Face model directory "
                         "(python -m atom_tvm.convert_gguf writes one for the bundled SmolLM2)")
     cfg = LlamaConfig.from_model_dir(args.model)
-    scheme = resolve(args.quantization, args.model, cfg, SchemeOptions(group_size=args.group_size))
+    shards = args.tensor_parallel_shards
+    cfg.check_tensor_parallel(shards)
+    scheme = resolve(args.quantization, args.model, cfg,
+                     SchemeOptions(group_size=args.group_size, tensor_parallel_shards=shards))
+    scheme.check_tensor_parallel(shards)
     if args.target not in ("llvm", "cuda"):
         make_target(args.target, [])  # raises with the list of valid targets
     if args.target == "cuda":
@@ -88,13 +95,17 @@ def validate(args: argparse.Namespace):
             raise UserError("--arch is for --target cuda only")
         archs = []
     scheme.check_target(args.target)
-    args.kv_cache = args.kv_cache or scheme.kv_cache
+    if shards > 1 and args.kv_cache == "tvm":
+        raise UserError(f"--tensor-parallel-shards {shards} --kv-cache tvm: TVM's cache object is not driven "
+                        "per shard; use --kv-cache fp16 (the same precision in Atom's pages), int8 or int4")
+    # Sharded, a float scheme keeps its precision in Atom's fp16 pages instead of TVM's cache.
+    args.kv_cache = args.kv_cache or (scheme.kv_cache if shards == 1 or scheme.kv_cache != "tvm" else "fp16")
     atom_kv = None
     if args.kv_cache != "tvm":
         from relax_models.atom_kv_cache import AtomKVConfig
 
-        atom_kv = AtomKVConfig(args.kv_cache, cfg.num_hidden_layers, cfg.num_attention_heads,
-                               cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        atom_kv = AtomKVConfig(args.kv_cache, cfg.num_hidden_layers, cfg.num_attention_heads // shards,
+                               cfg.num_key_value_heads // shards, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     check_output_dir(args.output, args.force)
     ctx = args.context_window_size or min(cfg.max_position_embeddings, 4096)
     if ctx < 16 or args.prefill_chunk_size < 1:
@@ -135,6 +146,7 @@ def chat_config(args, cfg, scheme, model_dir: Path, lib_name: str) -> dict:
         "prefill_chunk_size": args.prefill_chunk_size,
         "page_size": DEFAULT_PAGE_SIZE,
         "kv_cache": args.kv_cache,
+        "tensor_parallel_shards": args.tensor_parallel_shards,
         "conv_template": conv,
         "chat_template": chat_template,
         "tokenizer_files": [p.name for p in read_tokenizer_files(model_dir)],
@@ -150,9 +162,39 @@ def chat_config(args, cfg, scheme, model_dir: Path, lib_name: str) -> dict:
     }
 
 
+def write_sharded_weights(out_dir: Path, cfg, scheme, target, model_dir: Path, expected: list, shards: int) -> dict:
+    """Each shard's weights in its own tensor cache (``shard-<i>/``), so a shard loads without the
+    others: the one-shard model's parameters, read once per shard and cut by the scheme's
+    `shard_param`, checked against what the shard's library takes. Returns totals over the shards."""
+    from atom_tvm.compile import export_model
+
+    _, whole = export_model(cfg, scheme, target)  # the unsharded model's parameters
+    want = {name: (tuple(shape), dtype) for name, shape, dtype in expected}
+    total = {"metadata": {"ParamBytes": 0}, "records": []}
+    for shard in range(shards):
+        def cut():
+            for name, array in scheme.params(model_dir, whole):
+                piece = scheme.shard_param(name, array, cfg, shard, shards)
+                if piece is None:
+                    continue
+                if (tuple(piece[1].shape), str(piece[1].dtype)) != want.get(piece[0]):
+                    raise UserError(f"shard {shard}: {piece[0]} cut to {piece[1].shape} {piece[1].dtype}, but the "
+                                    f"shard's library takes {want.get(piece[0])}; the checkpoint and the model "
+                                    "disagree")
+                yield piece
+        cache = package.write_tensor_cache(out_dir / package.tensor_parallel_dir(shard), cut())
+        names = [r["name"] for data_file in cache["records"] for r in data_file["records"]]
+        if sorted(names) != sorted(want):
+            raise UserError(f"shard {shard}: missing parameters {sorted(set(want) - set(names))[:3]}")
+        total["metadata"]["ParamBytes"] += cache["metadata"]["ParamBytes"]
+        total["records"] += cache["records"]
+    return total
+
+
 def build(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg, scheme, target, archs, atom_kv = validate(args)
+    shards = args.tensor_parallel_shards
     progress = Progress(5)
     progress(f"model {args.model.name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
              f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
@@ -168,10 +210,15 @@ def build(argv: list[str] | None = None) -> Path:
                                  metadata={"model_type": "llama", "quantization": args.quantization,
                                            "context_window_size": args.context_window_size,
                                            "prefill_chunk_size": args.prefill_chunk_size,
-                                           "page_size": DEFAULT_PAGE_SIZE},
-                                 atom_kv=atom_kv)
-        progress(f"weights: {len(expected)} tensors ({scheme.name})")
-        cache = package.write_tensor_cache(tmp, scheme.params(args.model, expected))
+                                           "page_size": DEFAULT_PAGE_SIZE,
+                                           "tensor_parallel_shards": shards},
+                                 atom_kv=atom_kv, tensor_parallel_shards=shards)
+        progress(f"weights: {len(expected)} tensors ({scheme.name}"
+                 f"{f', {shards} tensor-parallel shards' if shards > 1 else ''})")
+        if shards == 1:
+            cache = package.write_tensor_cache(tmp, scheme.params(args.model, expected))
+        else:
+            cache = write_sharded_weights(tmp, cfg, scheme, target, args.model, expected, shards)
         for f in read_tokenizer_files(args.model):
             shutil.copy2(f, tmp / f.name)
         package.write_json_atomic(tmp / package.CHAT_CONFIG, conf)

@@ -81,10 +81,11 @@ def _pipeline(target: Target, metadata: dict) -> tvm.transform.Pass:
 
 
 def export_model(cfg: LlamaConfig, scheme: QuantizationScheme, target: Target,
-                 atom_kv: AtomKVConfig | None = None) -> tuple[tvm.IRModule, list[ParamSpec]]:
-    """The Relax module of the Llama in ``scheme``'s dtype with its modules swapped by the scheme's
-    mutator, and the parameters it takes."""
-    model = LlamaForCausalLM(cfg, scheme.dtype, target, atom_kv)
+                 atom_kv: AtomKVConfig | None = None, tensor_parallel_shards: int = 1
+                 ) -> tuple[tvm.IRModule, list[ParamSpec]]:
+    """The Relax module of the Llama (one shard's, with ``tensor_parallel_shards``) in ``scheme``'s
+    dtype with its modules swapped by the scheme's mutator, and the parameters it takes."""
+    model = LlamaForCausalLM(cfg, scheme.dtype, target, atom_kv, tensor_parallel_shards)
     model.to(scheme.dtype)  # before the mutator: its modules' parameters keep their own dtypes
     if target.kind.name == "llvm" and scheme.dtype == "float16":
         # The generic x86-64 target has no F16C: every float16 operand of a GEMM is converted by a
@@ -98,10 +99,11 @@ def export_model(cfg: LlamaConfig, scheme: QuantizationScheme, target: Target,
 
 
 def compile_model(cfg: LlamaConfig, scheme: QuantizationScheme, target: Target, archs: list[str],
-                  lib_path: Path, metadata: dict, atom_kv: AtomKVConfig | None = None) -> list[ParamSpec]:
+                  lib_path: Path, metadata: dict, atom_kv: AtomKVConfig | None = None,
+                  tensor_parallel_shards: int = 1) -> list[ParamSpec]:
     """Compile and export the library; returns the (name, shape, dtype) of each parameter it takes.
     ``atom_kv`` builds in Atom's quantized KV cache instead of TVM's."""
-    mod, params = export_model(cfg, scheme, target, atom_kv)
+    mod, params = export_model(cfg, scheme, target, atom_kv, tensor_parallel_shards)
     kv_layout = {"kind": "tvm", "num_hidden_layers": cfg.num_hidden_layers,
                  "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
                  "head_dim": cfg.head_dim}

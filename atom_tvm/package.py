@@ -6,6 +6,10 @@ A package directory holds::
     tensor-cache.json        index of every weight: shard, offset, shape, dtype, md5
     params_shard_{i}.bin     raw little-endian tensor bytes, packed in order
 
+A package built with ``--tensor-parallel-shards N`` has no top-level tensor cache: each GPU's share
+of the weights is a tensor cache of its own, ``tp-shard-{k}/tensor-cache.json`` and its
+``params_shard_{i}.bin`` (k = 0 .. N-1), so a worker reads only its shard's files.
+
 This module needs numpy only (bfloat16 additionally needs ml_dtypes): the runtime-only host
 imports it to load weights, and it must not drag in tvm.
 
@@ -64,6 +68,12 @@ REQUIRED_CHAT_KEYS = (
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int32", "uint32")
 
 _REBUILD = "rebuild it with python -m atom_tvm.build"
+
+
+def tensor_parallel_dir(shard: int) -> str:
+    """Directory of tensor-parallel shard ``shard``'s tensor cache in a package built with
+    ``--tensor-parallel-shards`` (one-shard packages keep theirs at the top)."""
+    return f"tp-shard-{shard}"
 
 
 def shard_name(index: int) -> str:
@@ -450,6 +460,20 @@ def _check_expected(
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise _error(json_path, f"tensor {unknown[0]} is not a parameter of the model library{more}; {fix}")
+
+
+def check_tensor_parallel_files(pkg_dir: Path | str, shards: int) -> None:
+    """Every shard's tensor cache and data files are in place (before any GPU worker starts, so a
+    missing file is reported by its shard instead of failing one worker)."""
+    for shard in range(shards):
+        shard_dir = Path(pkg_dir) / tensor_parallel_dir(shard)
+        try:
+            for data_file, _ in _parse_index(shard_dir / TENSOR_CACHE):
+                path = shard_dir / data_file["dataPath"]
+                if not path.is_file():
+                    raise _error(path, f"missing; the package is incomplete, {_REBUILD}")
+        except UserError as err:
+            raise UserError(f"tensor-parallel shard {shard} of {shards}: {err}") from None
 
 
 def load_tensor_cache(

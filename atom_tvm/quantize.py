@@ -12,7 +12,9 @@ GPTQ by default) -> write an *Atom checkpoint* directory (layout in docs/design.
   `.s8` (fp16 per-row outlier scale); the permuted norm weights; the runtime reorder indices
   (`input_layernorm.reorder_index`, `post_attention_layernorm.reorder_index`,
   `self_attn.o_proj.reorder_index`, int32); embeddings, final norm and lm_head in fp16.
-- `atom_quant_config.json`: the scheme (group size, outliers, clip ratios, GPTQ, KV bits), the calibration.
+- `atom_quant_config.json`: the scheme (group size, outliers, clip ratios, GPTQ, KV bits), the calibration,
+  and ``tensor_parallel_shards`` (``--tensor-parallel-shards N``: o_proj and down_proj are then
+  quantized per shard slice, under ``<linear>.blocks.<b>.*``; see `quantized_tensors`).
 - `config.json` and the tokenizer files, copied.
 
 Every input check (model config, sizes against group/outliers, calibration text length) runs before
@@ -44,17 +46,22 @@ FUSED_LINEARS = {
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.down_proj": ("mlp.down_proj",),
 }
+# The row-parallel matrices under tensor parallelism (each shard holds a slice of their input).
+ROW_PARALLEL_LINEARS = ("self_attn.o_proj", "mlp.down_proj")
 RUNTIME_INDEX = {"attn_in": "input_layernorm.reorder_index",
                  "mlp_in": "post_attention_layernorm.reorder_index",
                  "o_in": "self_attn.o_proj.reorder_index"}
 
 
-def check_sizes(cfg, group_size: int, n_outliers: int) -> None:
-    """Every Linear input width must split into groups after the outliers are set aside."""
+def check_sizes(cfg, group_size: int, n_outliers: int, shards: int = 1) -> None:
+    """Every Linear input width must split into groups after the outliers are set aside (for
+    ``shards`` > 1: each shard's slice of the row-parallel inputs)."""
     from atom_tvm.quantization import formats
 
-    widths = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-              "attention output (heads x head_dim)": cfg.num_attention_heads * cfg.head_dim}
+    cfg.check_tensor_parallel(shards)
+    slice_of = f" / {shards} shards" if shards > 1 else ""
+    widths = {"hidden_size": cfg.hidden_size, f"intermediate_size{slice_of}": cfg.intermediate_size // shards,
+              f"attention output (heads x head_dim){slice_of}": cfg.num_attention_heads * cfg.head_dim // shards}
     for what, k in widths.items():
         try:
             formats.check_atom_split(k, group_size, n_outliers)
@@ -62,8 +69,15 @@ def check_sizes(cfg, group_size: int, n_outliers: int) -> None:
             raise UserError(f"{what}: {err}") from None
 
 
-def quantized_tensors(model, stats, qcfg, progress: bool = True) -> dict[str, np.ndarray]:
-    """Reorder `model` in place and return the checkpoint's tensors by name."""
+def quantized_tensors(model, stats, qcfg, shards: int = 1, progress: bool = True) -> dict[str, np.ndarray]:
+    """Reorder `model` in place and return the checkpoint's tensors by name.
+
+    ``shards`` > 1 lays the checkpoint out for that many tensor-parallel shards (or any divisor of it):
+    o_proj and down_proj, whose input a shard sees only a slice of, are quantized per slice (block
+    ``b`` of ``shards``, its own reorder, groups and 128 outliers) under ``<linear>.blocks.<b>.*``,
+    and gate_up's rows are ordered block by block (gate then up of block 0, then of block 1, ...), so a
+    shard's rows are one contiguous range.
+    """
     import torch
 
     from atom_tvm.quantization.calibrate import ProgressLine
@@ -71,29 +85,51 @@ def quantized_tensors(model, stats, qcfg, progress: bool = True) -> dict[str, np
     from atom_tvm.quantization.simulate import quantize_atom_layout, reordered_hessian
 
     layers = model.model.layers
-    plan = plan_reorder(stats, len(layers), qcfg.n_outliers)
+    plan = plan_reorder(stats, len(layers), qcfg.n_outliers, shards)
     apply_reorder(model, plan)
     tensors: dict[str, np.ndarray] = {}
 
     def fp16(t: "torch.Tensor") -> np.ndarray:
         return t.detach().to(torch.float16).cpu().numpy()
 
+    def pack(name: str, fields, cols: slice = slice(None)) -> None:
+        """Quantize the columns ``cols`` of each (reordered) Linear in ``fields``' values and store
+        them stacked by rows under ``name.<field>``."""
+        packed = []
+        for part in fields:
+            w = layer.get_submodule(part).weight.detach().cpu().numpy()[:, cols]
+            hessian = reordered_hessian(stats, plan, prefix + part)[cols, cols] if qcfg.gptq else None
+            packed.append(quantize_atom_layout(w, qcfg, hessian))
+        for field in ("q4", "s4", "q8", "s8"):
+            tensors[f"{name}.{field}"] = np.ascontiguousarray(np.concatenate([getattr(w, field) for w in packed]))
+
     bar = ProgressLine("quantize", len(layers) * len(FUSED_LINEARS), "matrices") if progress else None
     for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}."
         for fused, parts in FUSED_LINEARS.items():
-            packed = [quantize_atom_layout(
-                layer.get_submodule(p).weight.detach().cpu().numpy(), qcfg,
-                reordered_hessian(stats, plan, prefix + p) if qcfg.gptq else None) for p in parts]
-            for field in ("q4", "s4", "q8", "s8"):
-                tensors[f"{prefix}{fused}.{field}"] = np.ascontiguousarray(
-                    np.concatenate([getattr(w, field) for w in packed], axis=0))
+            if shards > 1 and fused in ROW_PARALLEL_LINEARS:
+                width = layer.get_submodule(parts[0]).in_features // shards
+                for b in range(shards):
+                    pack(f"{prefix}{fused}.blocks.{b}", parts, slice(b * width, (b + 1) * width))
+            else:
+                pack(prefix + fused, parts)
             if bar:
                 bar.update(i * len(FUSED_LINEARS) + list(FUSED_LINEARS).index(fused) + 1)
+        if shards > 1:
+            name = prefix + "mlp.gate_up_proj"
+            for field in ("q4", "s4", "q8", "s8"):
+                gate, up = np.split(tensors[f"{name}.{field}"], 2)
+                tensors[f"{name}.{field}"] = np.ascontiguousarray(np.concatenate(
+                    [half for pair in zip(np.split(gate, shards), np.split(up, shards)) for half in pair]))
         tensors[prefix + "input_layernorm.weight"] = fp16(layer.input_layernorm.weight)
         tensors[prefix + "post_attention_layernorm.weight"] = fp16(layer.post_attention_layernorm.weight)
         for site, perm in runtime_indices(plan)[i].items():
-            tensors[prefix + RUNTIME_INDEX[site]] = perm.astype(np.int32)
+            if shards > 1 and site == "o_in":  # each block's index counts within its slice
+                for b, block in enumerate(np.split(perm, shards)):
+                    tensors[f"{prefix}self_attn.o_proj.blocks.{b}.reorder_index"] = (
+                        block - b * len(block)).astype(np.int32)
+            else:
+                tensors[prefix + RUNTIME_INDEX[site]] = perm.astype(np.int32)
     if bar:
         bar.close()
     tensors["model.embed_tokens.weight"] = fp16(model.model.embed_tokens.weight)
@@ -112,7 +148,7 @@ def quantize(args: argparse.Namespace) -> Path:
     # Input checks, cheapest first, before the model is loaded or anything is written.
     cfg = LlamaConfig.from_model_dir(args.model)
     qcfg = preset("atom-w4a4", group_size=args.group_size, n_outliers=args.n_outliers, gptq=not args.no_gptq)
-    check_sizes(cfg, qcfg.group_size, qcfg.n_outliers)
+    check_sizes(cfg, qcfg.group_size, qcfg.n_outliers, args.tensor_parallel_shards)
     check_output_dir(args.output, args.force)
     tokenizer_files = read_tokenizer_files(args.model)
     text = load_text(args.calib_text, "train")
@@ -123,13 +159,14 @@ def quantize(args: argparse.Namespace) -> Path:
     model = load_float_model(args.model, args.device)
     stats = calibrate(args.model, args.calib_text, "train", args.calib_windows, args.calib_window_length,
                       hessian=qcfg.gptq, device=args.device, model=model)
-    tensors = quantized_tensors(model, stats, qcfg)
+    tensors = quantized_tensors(model, stats, qcfg, args.tensor_parallel_shards)
     from safetensors.numpy import save_file
 
     with staged_output_dir(args.output) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "atom-tvm"})
         write_json_atomic(tmp / QUANT_CONFIG, {"layout_version": LAYOUT_VERSION, "scheme": "atom-w4a4",
-                                                "config": dataclasses.asdict(qcfg), "calibration": stats.info})
+                                                "config": dataclasses.asdict(qcfg), "calibration": stats.info,
+                                                "tensor_parallel_shards": args.tensor_parallel_shards})
         for f in [args.model / "config.json", *tokenizer_files]:
             shutil.copy2(f, tmp / f.name)
     print(f"done: {args.output} ({sum(t.nbytes for t in tensors.values()) / 2**20:.1f} MiB)")
@@ -147,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--calib-window-length", type=int, default=2048)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where calibration runs")
+    p.add_argument("--tensor-parallel-shards", type=int, default=1,
+                   help="lay the checkpoint out for N tensor-parallel shards (builds with N or a divisor of N "
+                        "shards): o_proj and down_proj get one outlier block and set of groups per shard")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     return p
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,20 @@ class LlamaConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         )
 
+    def check_tensor_parallel(self, shards: int) -> None:
+        """Refuse a shard count that does not split the heads, the KV heads and the MLP evenly
+        (each shard takes an equal contiguous part of each, Megatron-style)."""
+        parts = {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                 "intermediate_size": self.intermediate_size}
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise UserError(f"--tensor-parallel-shards {shards!r}: must be an integer >= 1")
+        bad = [f"{name} {n}" for name, n in parts.items() if n % shards]
+        if bad:
+            common = math.gcd(*parts.values())
+            divisors = [d for d in range(1, common + 1) if common % d == 0]
+            raise UserError(f"--tensor-parallel-shards {shards} does not divide this model's {', '.join(bad)}; "
+                            f"each shard takes an equal share of the heads: use one of {divisors}")
+
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> "LlamaConfig":
         path = Path(model_dir) / "config.json"
@@ -116,10 +131,23 @@ class LlamaConfig:
 
 class ResidualLinear(nn.Linear):
     """``x W^T + residual``: a projection whose output joins the residual stream, as one module so a
-    quantized replacement can add the residual in its GEMM's epilogue."""
+    quantized replacement can add the residual in its GEMM's epilogue.
+
+    Under tensor parallelism (``shards > 1``) it is row-parallel: each shard holds the columns of its
+    slice of ``x``, its partial product is summed over the shards (all-reduce), then the residual
+    (the same on every shard) is added once."""
+
+    def __init__(self, in_features: int, out_features: int, shards: int = 1):
+        super().__init__(in_features, out_features, bias=False)
+        self.shards = shards
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return super().forward(x) + residual
+        return all_reduce(super().forward(x), self.shards) + residual
+
+
+def all_reduce(partial: Tensor, shards: int) -> Tensor:
+    """The sum of a row-parallel layer's partial products over the shards (identity on one)."""
+    return op.ccl_allreduce(partial, "sum") if shards > 1 else partial
 
 
 class SiLUAndMul(nn.Module):
@@ -131,14 +159,17 @@ class SiLUAndMul(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        self.num_q_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+    """One shard's attention heads: ``shards`` splits the query and KV heads evenly (qkv column-parallel,
+    o_proj row-parallel)."""
+
+    def __init__(self, cfg: LlamaConfig, shards: int = 1):
+        self.num_q_heads = cfg.num_attention_heads // shards
+        self.num_kv_heads = cfg.num_key_value_heads // shards
         self.head_dim = cfg.head_dim
         qkv_out = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
         # q, k and v share one matrix so the projection is one GEMM and the cache gets fused qkv.
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
-        self.o_proj = ResidualLinear(self.num_q_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = ResidualLinear(self.num_q_heads * self.head_dim, cfg.hidden_size, shards)
 
     def forward(self, x, kv: PagedKVCache | AtomPagedKVCache, layer_id: int, residual: Tensor) -> Tensor:
         """``residual + attention(x)``; ``x`` is whatever the layer's input norm returns (the shapes
@@ -151,12 +182,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        self.intermediate_size = cfg.intermediate_size
+    """One shard's slice of the intermediate channels (gate_up column-parallel, down_proj row-parallel)."""
+
+    def __init__(self, cfg: LlamaConfig, shards: int = 1):
+        self.intermediate_size = cfg.intermediate_size // shards
         # gate and up share one matrix: one GEMM, then SiLU(gate) * up.
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
         self.act = SiLUAndMul()
-        self.down_proj = ResidualLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = ResidualLinear(self.intermediate_size, cfg.hidden_size, shards)
 
     def forward(self, x, residual: Tensor) -> Tensor:
         """``residual + MLP(x)``, ``x`` as in `LlamaAttention.forward`."""
@@ -164,11 +197,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, shards: int = 1):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, shards)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, shards)
 
     def forward(self, x: Tensor, kv: PagedKVCache | AtomPagedKVCache, layer_id: int) -> Tensor:
         x = self.self_attn(self.input_layernorm(x), kv, layer_id, residual=x)
@@ -176,9 +209,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, shards: int = 1):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, shards) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
 
     def forward(self, x: Tensor, kv: PagedKVCache | AtomPagedKVCache) -> Tensor:
@@ -191,11 +224,20 @@ class LlamaForCausalLM(nn.Module):
     """Llama with MLC-LLM's entry points; hidden states in `dtype`, logits always float32.
 
     ``atom_kv`` selects Atom's quantized cache; without it the entry points take TVM's.
+    ``tensor_parallel_shards`` > 1 makes this one shard's program (the same on every GPU of a Disco
+    session): its share of the heads and MLP channels, an all-reduce after o_proj and down_proj, and
+    the embeddings, norms and lm_head whole on every shard, so every shard ends with the same logits.
     """
 
-    def __init__(self, cfg: LlamaConfig, dtype: str, target: Target, atom_kv: AtomKVConfig | None = None):
+    def __init__(self, cfg: LlamaConfig, dtype: str, target: Target, atom_kv: AtomKVConfig | None = None,
+                 tensor_parallel_shards: int = 1):
+        cfg.check_tensor_parallel(tensor_parallel_shards)
+        if tensor_parallel_shards > 1 and atom_kv is None:
+            raise UserError(f"--tensor-parallel-shards {tensor_parallel_shards} needs Atom's KV cache "
+                            "(--kv-cache int4, int8 or fp16): TVM's cache object is not driven per shard")
         self.cfg = cfg
-        self.model = LlamaModel(cfg)
+        self.tensor_parallel_shards = tensor_parallel_shards
+        self.model = LlamaModel(cfg, tensor_parallel_shards)
         self.tie_word_embeddings = cfg.tie_word_embeddings
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -74,9 +74,28 @@ def outlier_permutation(sumsq: np.ndarray, n_outliers: int) -> np.ndarray:
     return np.concatenate([channels[~outliers], channels[outliers]])
 
 
-def plan_reorder(stats: CalibrationStats, n_layers: int, n_outliers: int) -> Plan:
-    """Every site's permutation for layers ``0 .. n_layers-1``."""
-    return {i: {site: outlier_permutation(stats.sumsq_for(f"model.layers.{i}.{linear}"), n_outliers)
+# Sites read by a row-parallel Linear under tensor parallelism: each shard sees a slice of them.
+ROW_PARALLEL_SITES = ("o_in", "down_in")
+
+
+def blocked_outlier_permutation(sumsq: np.ndarray, n_outliers: int, blocks: int) -> np.ndarray:
+    """`outlier_permutation` within each of ``blocks`` equal contiguous channel slices: slice ``b``
+    keeps its place and gets its own ``n_outliers`` last, so the shard that holds a slice quantizes
+    it alone (its own groups and outlier block)."""
+    width = len(sumsq) // blocks
+    return np.concatenate([b * width + outlier_permutation(sumsq[b * width:(b + 1) * width], n_outliers)
+                           for b in range(blocks)])
+
+
+def plan_reorder(stats: CalibrationStats, n_layers: int, n_outliers: int, shards: int = 1) -> Plan:
+    """Every site's permutation for layers ``0 .. n_layers-1``; with ``shards`` > 1 the row-parallel
+    sites are reordered per shard slice (`blocked_outlier_permutation`)."""
+    def perm(site: str, sumsq: np.ndarray) -> np.ndarray:
+        if site in ROW_PARALLEL_SITES and shards > 1:
+            return blocked_outlier_permutation(sumsq, n_outliers, shards)
+        return outlier_permutation(sumsq, n_outliers)
+
+    return {i: {site: perm(site, stats.sumsq_for(f"model.layers.{i}.{linear}"))
                 for site, linear in SITE_LINEARS.items()}
             for i in range(n_layers)}
 

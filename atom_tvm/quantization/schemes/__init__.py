@@ -43,6 +43,8 @@ class SchemeOptions:
     """Build options that only some schemes use; ``None`` means the scheme's default."""
 
     group_size: int | None = None
+    #: ``--tensor-parallel-shards``: the parameters and modules are those of one of this many shards.
+    tensor_parallel_shards: int = 1
 
 
 class QuantizationScheme(abc.ABC):
@@ -71,6 +73,25 @@ class QuantizationScheme(abc.ABC):
     def to_json(self) -> dict:
         """What `mlc-chat-config.json` records under ``quantization_config``."""
         return {"name": self.name, "dtype": self.dtype}
+
+    def check_tensor_parallel(self, shards: int) -> None:
+        """Refuse a shard count the scheme cannot split its parameters into (default: any the model
+        allows, `LlamaConfig.check_tensor_parallel`)."""
+
+    def shard_param(self, name: str, array: np.ndarray, cfg: LlamaConfig, shard: int, shards: int
+                    ) -> tuple[str, np.ndarray] | None:
+        """Parameter ``name`` of the one-shard model as shard ``shard`` of ``shards`` holds it (None:
+        not on this shard). Default, for float weights: Megatron's split (qkv and gate_up by
+        output rows, each of their parts evenly; o_proj and down_proj by input columns), everything
+        else whole on every shard."""
+        linear = name.rpartition(".")[0]
+        if linear.endswith("qkv_proj"):
+            return name, column_shard(array, qkv_rows(cfg), shard, shards)
+        if linear.endswith("gate_up_proj"):
+            return name, column_shard(array, [cfg.intermediate_size] * 2, shard, shards)
+        if linear.endswith(("o_proj", "down_proj")):
+            return name, np.ascontiguousarray(np.split(array, shards, axis=1)[shard])
+        return name, array
 
 
 SchemeFactory = Callable[[Path, LlamaConfig, SchemeOptions], QuantizationScheme]
@@ -108,6 +129,25 @@ def _load_schemes() -> None:
     from atom_tvm.quantization.schemes import w4a16  # noqa: F401
     from atom_tvm.quantization.schemes import w8a8  # noqa: F401
     from atom_tvm.quantization.schemes import atom_w4a4  # noqa: F401
+
+
+def qkv_rows(cfg: LlamaConfig) -> list[int]:
+    """Rows of the q, k and v parts of the fused qkv matrix."""
+    return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+
+
+def column_shard(array: np.ndarray, parts: list[int], shard: int, shards: int) -> np.ndarray:
+    """Shard ``shard``'s rows of a column-parallel matrix stacked from ``parts`` (row counts): its
+    even share of each part, concatenated in order."""
+    pieces = np.split(array, np.cumsum(parts)[:-1], axis=0)
+    return np.ascontiguousarray(np.concatenate([np.split(p, shards)[shard] for p in pieces]))
+
+
+def refuse_tensor_parallel(name: str, shards: int) -> None:
+    """For schemes whose Linears do not split yet: say which ones do."""
+    if shards > 1:
+        raise UserError(f"--quantization {name} has no tensor-parallel build yet; use fp16, fp32 or atom-w4a4 "
+                        f"with --tensor-parallel-shards, or build {name} for one GPU")
 
 
 def refuse_group_size(name: str, options: SchemeOptions) -> None:

@@ -39,10 +39,10 @@ from tvm.target import Target
 from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import CheckpointReader, ParamSpec, iter_params
 from atom_tvm.quantize import LAYOUT_VERSION, QUANT_CONFIG
-from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, out_tensor, register, rows,
-                                           static_rows)
+from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, column_shard, out_tensor, register,
+                                           rows, static_rows)
 from relax_models.kernel_calls import cached_kernel, kernel_variant
-from relax_models.llama import LlamaConfig, LlamaDecoderLayer
+from relax_models.llama import LlamaConfig, LlamaDecoderLayer, all_reduce
 from tir_kernels import quantize as quantize_kernels
 from tir_kernels.w4a4_gemm import GEMV_MAX_M, W4A4Shape, w4a4_gemm, w4a4_gemv
 
@@ -170,26 +170,74 @@ class ReorderQuantizeW4A4Linear(W4A4Linear):
         return super().forward(packed, residual)
 
 
+class BlockedSiLUMulQuantize(nn.Module):
+    """`SiLUMulQuantize` of each block of a checkpoint laid out for tensor parallelism: gate_up's
+    output is ``blocks`` chunks ``[gate_b, up_b]``, each quantized with its own outlier block."""
+
+    def __init__(self, intermediate: int, blocks: int, layout: AtomLayout, target: Target):
+        self.blocks = blocks
+        self.block_act = SiLUMulQuantize(intermediate // blocks, layout, target)
+
+    def forward(self, gate_up: Tensor) -> list[PackedActivation]:
+        chunks = op.split(gate_up, self.blocks, axis=-1) if self.blocks > 1 else [gate_up]
+        return [self.block_act(chunk) for chunk in chunks]
+
+
+class BlockedW4A4Linear(nn.Module):
+    """o_proj or down_proj of a checkpoint laid out for tensor parallelism (``quantize
+    --tensor-parallel-shards``): the input is ``blocks`` contiguous slices, each quantized on its own
+    (o_proj: reordered and quantized here; down_proj: `BlockedSiLUMulQuantize`'s outputs) and
+    multiplied by its own packed weights. The block GEMMs chain through the residual epilogue
+    (each adds the previous one's output); across shards the partial sums are all-reduced and the
+    residual is added once, after."""
+
+    def __init__(self, in_features: int, out_features: int, blocks: int, shards: int, reorder: bool,
+                 layout: AtomLayout, target: Target):
+        block = ReorderQuantizeW4A4Linear if reorder else W4A4Linear
+        self.blocks = nn.ModuleList([block(in_features // blocks, out_features, layout, target)
+                                     for _ in range(blocks)])
+        self.reorder, self.shards = reorder, shards
+
+    def forward(self, x: Tensor | list[PackedActivation], residual: Tensor) -> Tensor:
+        if self.reorder:
+            x = op.split(x, len(self.blocks), axis=-1) if len(self.blocks) > 1 else [x]
+        y = residual if self.shards == 1 else None
+        for block, block_x in zip(self.blocks, x):
+            y = block(block_x, y)
+        return y if self.shards == 1 else all_reduce(y, self.shards) + residual
+
+
 class AtomW4A4Mutator(nn.Mutator):
     """Swaps each decoder layer's norms, SiLU-mul and Linears for the modules above; the final norm
-    and lm_head (not in a decoder layer) stay float16."""
+    and lm_head (not in a decoder layer) stay float16. ``checkpoint_shards`` > 1: the checkpoint is
+    laid out for that many shards, so each of this model's ``shards`` runs the row-parallel
+    Linears as ``checkpoint_shards // shards`` blocks."""
 
-    def __init__(self, cfg: LlamaConfig, layout: AtomLayout, target: Target):
+    def __init__(self, cfg: LlamaConfig, layout: AtomLayout, target: Target, shards: int = 1,
+                 checkpoint_shards: int = 1):
         self.cfg, self.layout, self.target = cfg, layout, target
+        self.shards, self.checkpoint_shards = shards, checkpoint_shards
 
     def visit_module(self, name: str, node: nn.Module):
         if not isinstance(node, LlamaDecoderLayer):
             return super().visit_module(name, node)
         cfg, lay, tgt = self.cfg, self.layout, self.target
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        h = cfg.hidden_size
         attn, mlp = node.self_attn, node.mlp
+        i = mlp.intermediate_size  # this shard's
         node.input_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt)
         attn.qkv_proj = W4A4Linear(h, attn.qkv_proj.out_features, lay, tgt)
-        attn.o_proj = ReorderQuantizeW4A4Linear(attn.o_proj.in_features, h, lay, tgt)
         node.post_attention_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt)
         mlp.gate_up_proj = W4A4Linear(h, 2 * i, lay, tgt)
-        mlp.act = SiLUMulQuantize(i, lay, tgt)
-        mlp.down_proj = W4A4Linear(i, h, lay, tgt)
+        if self.checkpoint_shards == 1:
+            attn.o_proj = ReorderQuantizeW4A4Linear(attn.o_proj.in_features, h, lay, tgt)
+            mlp.act = SiLUMulQuantize(i, lay, tgt)
+            mlp.down_proj = W4A4Linear(i, h, lay, tgt)
+        else:
+            blocks = self.checkpoint_shards // self.shards
+            attn.o_proj = BlockedW4A4Linear(attn.o_proj.in_features, h, blocks, self.shards, True, lay, tgt)
+            mlp.act = BlockedSiLUMulQuantize(i, blocks, lay, tgt)
+            mlp.down_proj = BlockedW4A4Linear(i, h, blocks, self.shards, False, lay, tgt)
         return node
 
 
@@ -197,13 +245,39 @@ class AtomW4A4(QuantizationScheme):
     name = "atom-w4a4"
     dtype = "float16"
 
-    def __init__(self, layout: AtomLayout, kv_bits: int, quant_config: dict):
+    def __init__(self, layout: AtomLayout, kv_bits: int, quant_config: dict, checkpoint_shards: int = 1):
         self.layout = layout
         self.kv_cache = KV_FORMAT[kv_bits]
         self.quant_config = quant_config
+        self.checkpoint_shards = checkpoint_shards
 
     def mutate(self, model: nn.Module, cfg: LlamaConfig, target: Target) -> nn.Module:
-        return AtomW4A4Mutator(cfg, self.layout, target).visit("", model)
+        return AtomW4A4Mutator(cfg, self.layout, target, model.tensor_parallel_shards,
+                               self.checkpoint_shards).visit("", model)
+
+    def check_tensor_parallel(self, shards: int) -> None:
+        """A shard quantizes its slice of o_proj's and down_proj's input on its own, so the checkpoint
+        must have been laid out for it: for N shards, or a multiple of N."""
+        if self.checkpoint_shards % shards:
+            raise UserError(f"--tensor-parallel-shards {shards}: this Atom checkpoint is laid out for "
+                            f"{self.checkpoint_shards} shard(s) (each shard needs its own outlier block in o_proj "
+                            f"and down_proj); re-run python -m atom_tvm.quantize --tensor-parallel-shards {shards}")
+
+    def shard_param(self, name: str, array: np.ndarray, cfg: LlamaConfig, shard: int, shards: int
+                    ) -> tuple[str, np.ndarray] | None:
+        """Row-parallel blocks go whole to the shard that holds them (renumbered from 0 there);
+        gate_up's rows are already ordered block by block, so a shard's are one range; the rest
+        as for float weights."""
+        per_shard = self.checkpoint_shards // shards
+        linear, sep, rest = name.partition(".blocks.")
+        if sep:
+            block, _, field = rest.partition(".")
+            if int(block) // per_shard != shard:
+                return None
+            return f"{linear}.blocks.{int(block) % per_shard}.{field}", array
+        if name.rpartition(".")[0].endswith("gate_up_proj") and self.checkpoint_shards > 1:
+            return name, column_shard(array, [len(array)], shard, shards)
+        return super().shard_param(name, array, cfg, shard, shards)
 
     def params(self, model_dir: Path, expected: list[ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
         """The checkpoint's tensors under their own names, except the decoder norms' weights.
@@ -226,11 +300,12 @@ class AtomW4A4(QuantizationScheme):
         q = self.quant_config
         return {**super().to_json(), "group_size": self.layout.group_size, "n_outliers": self.layout.n_outliers,
                 "activation_clip": self.layout.clip, "weight_clip": q["clip_w"], "gptq": q["gptq"],
-                "kv_bits": q["kv_bits"]}
+                "kv_bits": q["kv_bits"], "checkpoint_shards": self.checkpoint_shards}
 
 
 def read_quant_config(model_dir: Path) -> dict:
-    """The checkpoint's scheme (`atom_tvm.quantize`'s QuantConfig as a dict), checked."""
+    """The checkpoint's scheme (`atom_tvm.quantize`'s QuantConfig as a dict, plus the
+    ``tensor_parallel_shards`` it is laid out for), checked."""
     path = model_dir / QUANT_CONFIG
     if not path.is_file():
         raise UserError(f"{model_dir}: no {QUANT_CONFIG}; --quantization atom-w4a4 builds from an Atom "
@@ -246,17 +321,19 @@ def read_quant_config(model_dir: Path) -> dict:
     expected = {"w_bits": 4, "a_bits": 4, "outlier_bits": 8}
     if any(q.get(k) != v for k, v in expected.items()) or q.get("kv_bits") not in KV_FORMAT:
         raise UserError(f"{path}: config {q} is not W4A4 with INT8 outliers; re-run python -m atom_tvm.quantize")
-    return q
+    return {**q, "tensor_parallel_shards": int(doc.get("tensor_parallel_shards", 1))}
 
 
-def check_shapes(cfg: LlamaConfig, layout: AtomLayout) -> None:
-    """Every GEMM and quantizer of the model accepts its shape (named errors before compiling)."""
+def check_shapes(cfg: LlamaConfig, layout: AtomLayout, shards: int = 1, checkpoint_shards: int = 1) -> None:
+    """Every GEMM and quantizer of one shard of the model accepts its shape (named errors before
+    compiling); row-parallel inputs come in ``checkpoint_shards`` blocks."""
     g, o = layout.group_size, layout.n_outliers
     attn_width = cfg.num_attention_heads * cfg.head_dim
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    for what, n, k in (("qkv_proj", qkv, cfg.hidden_size), ("o_proj", cfg.hidden_size, attn_width),
-                       ("gate_up_proj", 2 * cfg.intermediate_size, cfg.hidden_size),
-                       ("down_proj", cfg.hidden_size, cfg.intermediate_size)):
+    for what, n, k in (("qkv_proj", qkv // shards, cfg.hidden_size),
+                       ("o_proj", cfg.hidden_size, attn_width // checkpoint_shards),
+                       ("gate_up_proj", 2 * cfg.intermediate_size // shards, cfg.hidden_size),
+                       ("down_proj", cfg.hidden_size, cfg.intermediate_size // checkpoint_shards)):
         try:
             W4A4Shape(n, k, g, o).check()
             if k % quantize_kernels.VEC:
@@ -272,5 +349,7 @@ def atom_w4a4(model_dir: Path, cfg: LlamaConfig, options: SchemeOptions) -> Atom
     if options.group_size not in (None, layout.group_size):
         raise UserError(f"--group-size {options.group_size}: the Atom checkpoint {model_dir} is quantized with "
                         f"group size {layout.group_size} (omit --group-size, or re-quantize)")
-    check_shapes(cfg, layout)
-    return AtomW4A4(layout, int(q["kv_bits"]), q)
+    scheme = AtomW4A4(layout, int(q["kv_bits"]), q, q["tensor_parallel_shards"])
+    scheme.check_tensor_parallel(options.tensor_parallel_shards)
+    check_shapes(cfg, layout, options.tensor_parallel_shards, q["tensor_parallel_shards"])
+    return scheme

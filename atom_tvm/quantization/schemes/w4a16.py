@@ -30,7 +30,7 @@ from atom_tvm.hf_weights import ParamSpec, iter_params
 from atom_tvm.quantization import formats
 from atom_tvm.quantize import check_sizes
 from atom_tvm.quantization.schemes import (DecoderLinearMutator, QuantizationScheme, SchemeOptions, out_tensor,
-                                           register, rows)
+                                           refuse_tensor_parallel, register, rows)
 from relax_models.kernel_calls import cached_kernel
 from relax_models.llama import LlamaConfig
 from tir_kernels.dense_gemm import fp16_gemm
@@ -89,6 +89,9 @@ class W4A16(QuantizationScheme):
 
     def params(self, model_dir: Path, expected: list[ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
         return iter_params(model_dir, expected, self.quantize_weight)
+
+    def check_tensor_parallel(self, shards: int) -> None:
+        refuse_tensor_parallel(self.name, shards)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "group_size": self.group_size, "weight": "int4 groups, round to nearest"}

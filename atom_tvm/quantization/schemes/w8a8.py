@@ -30,7 +30,7 @@ from tvm.target import Target
 from atom_tvm.hf_weights import ParamSpec, iter_params
 from atom_tvm.quantization import formats
 from atom_tvm.quantization.schemes import (DecoderLinearMutator, QuantizationScheme, SchemeOptions, out_tensor,
-                                           refuse_group_size, register, rows)
+                                           refuse_group_size, refuse_tensor_parallel, register, rows)
 from relax_models.kernel_calls import cached_kernel
 from relax_models.llama import LlamaConfig
 from tir_kernels.dense_gemm import int8_gemm
@@ -92,6 +92,9 @@ class W8A8(QuantizationScheme):
 
     def params(self, model_dir: Path, expected: list[ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
         return iter_params(model_dir, expected, quantize_weight)
+
+    def check_tensor_parallel(self, shards: int) -> None:
+        refuse_tensor_parallel(self.name, shards)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "weight": "int8 per output channel", "activation": "int8 per token"}
