@@ -439,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.package).is_dir():
             raise UserError(f"package directory {args.package} does not exist (expected a compiled package such as "
                             "dist/NAME)")
-        from atom_tvm.runtime.engine import LoadedPackage
+        from atom_tvm.runtime.engine import open_package
 
-        package = LoadedPackage(args.package, device=args.device)
+        package = open_package(args.package, device=args.device)
         if budget is None:
             kv = {"kv_tokens": args.max_batch * package.context_window_size, "kv_bytes": DEFAULT_KV_BYTES}
         else:

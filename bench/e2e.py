@@ -63,6 +63,11 @@ LLAMA2_7B = {
     "bos_token_id": 1, "torch_dtype": "float16",
 }
 
+#: Llama-2-13B's architecture (meta-llama/Llama-2-13b-hf config.json), for the tensor-parallel study.
+LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
+              "num_key_value_heads": 40, "num_hidden_layers": 40}
+SHAPES = {"llama-2-7b": LLAMA2_7B, "llama-2-13b": LLAMA2_13B}
+
 #: name -> (--quantization, --kv-cache) of each package the study compares.
 VARIANTS = {
     "fp16": ("fp16", "tvm"),
@@ -85,7 +90,7 @@ GIB = 2 ** 30
 # --- build (the build host) ----------------------------------------------------------------------
 
 
-def write_config_dir(out: Path, config: dict) -> Path:
+def write_config_dir(out: Path, config: dict, shards: int = 1) -> Path:
     """A model directory with what a library-only build reads: config.json, a word-level tokenizer
     of the config's vocabulary, generation_config.json with the unreachable EOS id ``vocab_size``
     (random weights would otherwise end requests at random lengths), and the Atom checkpoint's
@@ -105,12 +110,13 @@ def write_config_dir(out: Path, config: dict) -> Path:
     tok.save(str(out / "tokenizer.json"))
     qcfg = preset("atom-w4a4", group_size=ATOM_GROUP_SIZE, n_outliers=ATOM_OUTLIERS)
     write_json_atomic(out / QUANT_CONFIG, {"layout_version": LAYOUT_VERSION, "scheme": "atom-w4a4",
-                                           "config": dataclasses.asdict(qcfg), "calibration": "none: random weights"})
+                                           "config": dataclasses.asdict(qcfg), "calibration": "none: random weights",
+                                           "tensor_parallel_shards": shards})
     return out
 
 
 def build_library_package(model_dir: Path, out: Path, quantization: str, kv_cache: str, target: str,
-                          arch: str, prefill_chunk: int, context: int) -> Path:
+                          arch: str, prefill_chunk: int, context: int, shards: int = 1) -> Path:
     """A package without weights: library, mlc-chat-config.json, tokenizer. Same checks and config
     as `python -m atom_tvm.build`, which also writes the weights (and so needs real ones)."""
     import shutil
@@ -123,7 +129,8 @@ def build_library_package(model_dir: Path, out: Path, quantization: str, kv_cach
 
     argv = ["--model", str(model_dir), "--target", target, "--quantization", quantization,
             "--kv-cache", kv_cache, "-o", str(out), "--force", "--prefill-chunk-size", str(prefill_chunk),
-            "--context-window-size", str(context), "--conv-template", "llama-2"]
+            "--context-window-size", str(context), "--conv-template", "llama-2",
+            "--tensor-parallel-shards", str(shards)]
     args = build.parse_args(argv + (["--arch", arch] if arch else []))
     cfg, scheme, tvm_target, archs, atom_kv = build.validate(args)
     lib_name = build.MODEL_LIB_NAME.format(target=target)
@@ -131,25 +138,44 @@ def build_library_package(model_dir: Path, out: Path, quantization: str, kv_cach
         compile_model(cfg, scheme, tvm_target, archs, tmp / lib_name,
                       metadata={"model_type": "llama", "quantization": quantization,
                                 "context_window_size": args.context_window_size,
-                                "prefill_chunk_size": args.prefill_chunk_size, "page_size": build.DEFAULT_PAGE_SIZE},
-                      atom_kv=atom_kv)
+                                "prefill_chunk_size": args.prefill_chunk_size, "page_size": build.DEFAULT_PAGE_SIZE,
+                                "tensor_parallel_shards": shards},
+                      atom_kv=atom_kv, tensor_parallel_shards=shards)
         for f in read_tokenizer_files(model_dir):
             shutil.copy2(f, tmp / f.name)
         write_json_atomic(tmp / CHAT_CONFIG, build.chat_config(args, cfg, scheme, model_dir, lib_name))
     return out
 
 
+def system_name(variant: str, shards: int) -> str:
+    """A package's system name in the study: the variant, with ``-tp<N>`` when split over N GPUs."""
+    return variant if shards == 1 else f"{variant}-tp{shards}"
+
+
+def parse_system(system: str) -> tuple[str, int]:
+    """(variant, shards) of a system name."""
+    variant, sep, shards = system.rpartition("-tp")
+    if sep and shards.isdigit() and variant in VARIANTS:
+        return variant, int(shards)
+    return system, 1
+
+
 def cmd_build(args) -> None:
     variants = _variant_list(args.variants)
-    config = json.loads(Path(args.config).read_text()) if args.config else LLAMA2_7B
-    model_dir = write_config_dir(args.output / "model", config)
+    config = json.loads(Path(args.config).read_text()) if args.config else SHAPES[args.shapes]
+    shards = args.tensor_parallel_shards
+    # The Atom layout depends on the shard count: one model directory per count.
+    model_dir = write_config_dir(args.output / system_name("model", shards), config, shards)
     for name in variants:
         quantization, kv_cache = VARIANTS[name]
+        if shards > 1 and kv_cache == "tvm":
+            kv_cache = "fp16"  # a sharded build has Atom's pages only (same precision)
+        out = args.output / system_name(name, shards)
         t0 = time.perf_counter()
-        build_library_package(model_dir, args.output / name, quantization, kv_cache, args.target, args.arch,
-                              args.prefill_chunk_size, args.context_window_size)
-        size = sum(f.stat().st_size for f in (args.output / name).iterdir())
-        print(f"{name}: built in {time.perf_counter() - t0:.0f} s, {size / 2**20:.1f} MiB", flush=True)
+        build_library_package(model_dir, out, quantization, kv_cache, args.target, args.arch,
+                              args.prefill_chunk_size, args.context_window_size, shards)
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"{out.name}: built in {time.perf_counter() - t0:.0f} s, {size / 2**20:.1f} MiB", flush=True)
 
 
 def _variant_list(text: str) -> list[str]:
@@ -186,34 +212,17 @@ def wave_pages(requests: list[tuple[list[int], int]], page_size: int) -> np.ndar
 # --- our engine (the GPU host) ---------------------------------------------------------------------
 
 
-def random_param(shape: tuple[int, ...], dtype: str, device: str, gen):
-    """A random torch tensor standing in for one parameter (see the module docstring)."""
-    import torch
-
-    if dtype in ("float16", "bfloat16", "float32"):
-        if len(shape) == 1:  # norm weights: 1, so activations keep their scale through the layers
-            return torch.ones(shape, dtype=getattr(torch, dtype), device=device)
-        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(getattr(torch, dtype))
-    if dtype in ("uint8", "int8"):
-        info = torch.iinfo(getattr(torch, dtype))
-        return torch.randint(info.min, info.max + 1, shape, generator=gen, device=device, dtype=getattr(torch, dtype))
-    if dtype == "int32":  # reorder indices: a permutation of the channels (anything else reads out of bounds)
-        perm = torch.randperm(shape[-1], generator=gen, device=device, dtype=torch.int32)
-        return perm.expand(shape).contiguous()
-    raise UserError(f"parameter dtype {dtype}: no random stand-in; extend bench/e2e.py random_param")
-
-
 def random_package(package_dir: Path, device: str, seed: int):
     """`LoadedPackage` of a library-only package, its parameters random tensors made on the device
     and handed to TVM through DLPack (no copy)."""
-    import torch
-    import tvm_ffi
+    from atom_tvm.runtime.engine import LoadedPackage, PackageFiles
+    from atom_tvm.runtime.random_weights import param_maker
 
-    from atom_tvm.runtime.engine import LoadedPackage
+    if PackageFiles(package_dir, device).tensor_parallel_shards > 1:
+        from atom_tvm.runtime.sharded import ShardedPackage
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    pkg = LoadedPackage(package_dir, device, make_param=lambda _name, shape, dtype: tvm_ffi.from_dlpack(
-        random_param(shape, dtype, device, gen)))
+        return ShardedPackage(package_dir, device, random_seed=seed)  # each GPU makes its shard's weights
+    pkg = LoadedPackage(package_dir, device, make_param=param_maker(device, seed))
     release_device_memory(device)
     return pkg
 
@@ -359,7 +368,8 @@ def variant_points(package_dir: Path, name: str, requests: list, batch_sizes: li
     vocab = int(pkg.config["model_config"]["vocab_size"])
     weights = weight_bytes(pkg.metadata)
     page_size = int(pkg.metadata["page_size"])
-    base = {"system": name, "weights_gib": weights / GIB, "kv_cache": pkg.metadata["kv_cache"].get("format", "tvm")}
+    base = {"system": name, "weights_gib": weights / GIB, "kv_cache": pkg.metadata["kv_cache"].get("format", "tvm"),
+            "shards": pkg.tensor_parallel_shards}
     points = []
 
     def measure(mode: str, batch: int, engine, extra: dict) -> None:
@@ -389,7 +399,10 @@ def variant_points(package_dir: Path, name: str, requests: list, batch_sizes: li
     warm_up(engine, vocab)
     for batch in sorted(batch_sizes, reverse=True):
         measure("unbounded", batch, engine, {"kv_tokens": engine.kv_pages_total * page_size})
-    del engine, pkg
+    del engine
+    if hasattr(pkg, "close"):  # a sharded package's worker processes hold their GPUs until closed
+        pkg.close()
+    del pkg
     release_device_memory(device)
     return points
 
@@ -407,7 +420,11 @@ def cmd_run(args) -> None:
         return time.perf_counter() - start < args.time_limit
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    config = json.loads((args.packages / "model" / "config.json").read_text())
+    # Every model directory of one build output holds the same shapes (model, model-tpN).
+    config_path = next(args.packages.glob("model*/config.json"), None)
+    if config_path is None:
+        raise UserError(f"{args.packages}: no model*/config.json; pass the output directory of bench/e2e.py build")
+    config = json.loads(config_path.read_text())
     # One pool whatever the batch sizes, so a run of a few of them measures the same waves.
     requests = draw_requests(max(BATCH_SIZES + tuple(batch_sizes)), config["vocab_size"], args.seed,
                              args.max_prompt, args.max_output)
@@ -427,12 +444,13 @@ def cmd_run(args) -> None:
             waves = [(b, requests[:b]) for b in sorted(batch_sizes, reverse=True)]
             result["points"] += hf_points(config, waves, args.decode_steps, args.device, args.seed, keep_going)
             release_device_memory(args.device)
-        elif system in VARIANTS:
+        elif parse_system(system)[0] in VARIANTS:
             result["points"] += variant_points(args.packages / system, system, requests, batch_sizes,
                                                args.budget_gib, args.decode_steps, args.device,
                                                args.seed, keep_going)
         else:
-            raise UserError(f"--systems {system!r}: choose from hf-fp16, {', '.join(VARIANTS)}")
+            raise UserError(f"--systems {system!r}: choose from hf-fp16, {', '.join(VARIANTS)} "
+                            "(a variant built with --tensor-parallel-shards N: <variant>-tpN)")
         result["seconds"] = time.perf_counter() - start
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1))  # after each system: a timeout keeps the rest
@@ -495,6 +513,22 @@ def verdict(result: dict) -> list[str]:
         if ours and hf:
             ratio = ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
             lines.append(f"batch {batch}: our fp16 decode = {ratio:.2f}x HF transformers fp16's tokens/s")
+    return lines + scaling(points)
+
+
+def scaling(points: list[dict]) -> list[str]:
+    """Tensor-parallel scaling: decode tokens/s of each ``<variant>-tpN`` point against the same
+    variant's one-GPU point at the same mode and batch; efficiency = speedup / N."""
+    lines = []
+    for p in points:
+        variant, shards = parse_system(p["system"])
+        one = next((q for q in points if q["system"] == variant and q["mode"] == p["mode"]
+                    and q["batch"] == p["batch"]), None)
+        if shards > 1 and one:
+            speedup = p["decode_tokens_per_s"] / one["decode_tokens_per_s"]
+            lines.append(f"{variant} {p['mode']} batch {p['batch']}: {shards} GPUs {p['decode_tokens_per_s']:.0f} "
+                         f"tok/s vs 1 GPU {one['decode_tokens_per_s']:.0f} = {speedup:.2f}x, scaling efficiency "
+                         f"{speedup / shards:.0%}")
     return lines
 
 
@@ -542,7 +576,9 @@ def plot(result: dict, png: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Llama-2-7B shapes, random weights, ShareGPT-like lengths, {result['device']}")
+    c = result["config"]
+    fig.suptitle(f"Llama shapes (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers), random weights, "
+                 f"ShareGPT-like lengths, {result['device']}")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -595,7 +631,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--target", default="cuda", help="llvm or cuda (default cuda)")
     b.add_argument("--arch", default="sm_90a", help="CUDA arch(s) (default sm_90a)")
     b.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, of {', '.join(VARIANTS)}")
-    b.add_argument("--config", help="a Hugging Face config.json to build instead of Llama-2-7B's")
+    b.add_argument("--config", help="a Hugging Face config.json to build instead of --shapes")
+    b.add_argument("--shapes", default="llama-2-7b", choices=sorted(SHAPES), help="model shapes (default llama-2-7b)")
+    b.add_argument("--tensor-parallel-shards", type=int, default=1,
+                   help="build each variant for N GPUs (packages <variant>-tpN)")
     b.add_argument("--prefill-chunk-size", type=int, default=512)
     b.add_argument("--context-window-size", type=int, default=2048)
     r = sub.add_parser("run", help="measure the packages and HF transformers; write JSON")

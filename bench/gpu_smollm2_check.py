@@ -10,6 +10,9 @@ project's own converter and writer; identical md5s prove they are the weights bu
     python bench/gpu_smollm2_check.py weights --gguf SmolLM2.gguf --package dist/smollm2-fp16-cuda
     python bench/gpu_smollm2_check.py check --package dist/smollm2-fp16-cuda --expected expected.json \
         --device cuda --json result.json
+
+The same check compares a tensor-parallel package with the one-shard build of its checkpoint, both
+on GPUs (`expected --device cuda` on the one-shard package, then `check` on the sharded one).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def greedy(chat, ids: list[int], forced: list[int] | None = None):
 def make_expected(args) -> None:
     from atom_tvm.runtime.engine import ChatModel
 
-    chat = ChatModel(args.package, "cpu")
+    chat = ChatModel(args.package, args.device)
     cases = []
     for text in PROMPTS:
         ids = chat.tokenizer.encode(text, add_special_tokens=False).ids
@@ -118,6 +121,7 @@ def main() -> None:
     e = sub.add_parser("expected")
     e.add_argument("--package", required=True)
     e.add_argument("-o", "--output", required=True)
+    e.add_argument("--device", default="cpu", help="cpu, or cuda for a reference package on the GPU")
     w = sub.add_parser("weights")
     w.add_argument("--gguf", required=True)
     w.add_argument("--package", required=True)

@@ -82,7 +82,7 @@ def test_llvm_package_layout(tmp_path, tiny_model_dir):
     chat = ChatModel(out, "cpu")
     for fn in ("embed", "prefill", "decode", "batch_prefill", "batch_decode", "create_paged_kv_cache",
                "get_logits", "softmax_with_temperature", "_metadata"):
-        assert chat.vm[fn] is not None
+        assert chat.model.vm[fn] is not None
     meta = chat.metadata
     assert meta["kv_cache"] == {"kind": "tvm", "num_hidden_layers": 1, "num_attention_heads": 4,
                                 "num_key_value_heads": 2, "head_dim": 16, "dtype": "float32"}

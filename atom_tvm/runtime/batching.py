@@ -37,15 +37,17 @@ import math
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import tvm
 import tvm_ffi
 
 from atom_tvm.errors import UserError
 from atom_tvm.runtime.engine import GenerationConfig, LoadedPackage, sample_token
 from atom_tvm.runtime.kv_pages import PageManager
+
+if TYPE_CHECKING:
+    from atom_tvm.runtime.sharded import ShardedPackage
 
 __all__ = ["SamplingParams", "RequestOutput", "Completion", "RequestHandle", "Engine", "TextStream", "kv_budget_pages",
            "STEP_SECONDS_BUCKETS"]
@@ -248,7 +250,7 @@ class Engine:
     """Continuous batching over ``package`` for up to ``max_batch`` sequences at a time, with a KV
     cache of ``kv_tokens`` tokens or of what fits in ``kv_bytes`` bytes (the smaller, if both)."""
 
-    def __init__(self, package: LoadedPackage, max_batch: int = 32, kv_tokens: int | None = None,
+    def __init__(self, package: LoadedPackage | ShardedPackage, max_batch: int = 32, kv_tokens: int | None = None,
                  kv_bytes: int | None = None):
         self.package = package
         self.tokenizer = package.tokenizer
@@ -563,11 +565,10 @@ class Engine:
                 # One sequence takes `decode`, whose static single-token graph runs matrix-vector
                 # kernels (2.4x faster than `batch_decode` at batch 1 for SmolLM2 on the CPU).
                 fn = "decode" if len(plan) == 1 else "batch_decode"
-                logits, _ = pkg.fns[fn](pkg.embed(ids, rows=len(plan)), kv_arg, pkg.params)
+                logits = pkg.forward(fn, ids, kv_arg, rows=len(plan))
             else:
                 ends = np.cumsum([n for _, n in plan], dtype=np.int64) - 1
-                positions = tvm.runtime.tensor(ends.astype("int32"), pkg.device)
-                logits, _ = pkg.fns["batch_prefill"](pkg.embed(ids), positions, kv_arg, pkg.params)
+                logits = pkg.forward("batch_prefill", ids, kv_arg, logit_positions=ends)
         except Exception as err:  # a failed forward leaves these sequences unknown: end them
             self.kv.end_forward()
             log.exception("forward step failed")
@@ -598,8 +599,7 @@ class Engine:
             for row, req in ready:
                 if req.params.temperature > 0:
                     temps[row] = req.params.temperature
-            probs = pkg.fns["softmax_with_temperature"](logits, tvm.runtime.tensor(temps, pkg.device))
-            probs = probs.numpy().reshape(len(plan), -1)
+            probs = pkg.probs(logits, temps)
         for row, req in ready:
             if req.params.temperature > 0:
                 token = sample_token(probs[row], req.params.top_p, req.rng)

@@ -61,41 +61,26 @@ def sample_token(probs: np.ndarray, top_p: float, rng: np.random.Generator) -> i
     return int(order[rng.choice(keep, p=kept)])
 
 
-class LoadedPackage:
-    """A package's library, weights, tokenizer and config, loaded on one device (no KV cache)."""
+class PackageFiles:
+    """What every process running a package reads first: its directory, config and tokenizer."""
 
-    def __init__(self, package_dir: str | Path, device: str = "cpu",
-                 make_param: Callable[[str, tuple, str], tvm.runtime.Tensor] | None = None):
-        """``make_param(name, shape, dtype)``, for benchmarks of libraries built without weights, makes
-        each parameter on the device instead of reading the package's tensor cache."""
+    def __init__(self, package_dir: str | Path, device: str):
         self.package_dir = Path(package_dir)
         if not self.package_dir.is_dir():
             raise UserError(f"{self.package_dir}: package directory not found; build one with python -m atom_tvm.build")
         self.config = package.read_chat_config(self.package_dir)
-        self.device = load_device(device)
-        lib_path = self.package_dir / self.config.get("model_lib", "")
-        if not lib_path.is_file():
-            raise UserError(f"{lib_path}: model library missing; rebuild the package")
+        self.lib_path = self.package_dir / self.config.get("model_lib", "")
+        if not self.lib_path.is_file():
+            raise UserError(f"{self.lib_path}: model library missing; rebuild the package")
         if (self.config.get("target") == "cuda") != (device == "cuda"):
             raise UserError(f"{self.package_dir} was built for --target {self.config.get('target')}; "
                             f"run it with --device {'cuda' if self.config.get('target') == 'cuda' else 'cpu'}")
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
-        self.metadata = json.loads(self.vm["_metadata"]())
-        expected = [(p["name"], tuple(p["shape"]), p["dtype"]) for p in self.metadata["params"]]
-        if make_param is None:
-            arrays = package.load_tensor_cache(self.package_dir, expected)
-            self.params = [tvm.runtime.tensor(arrays[name], self.device) for name, _, _ in expected]
-        else:
-            self.params = [make_param(name, shape, dtype) for name, shape, dtype in expected]
-        self.dtype = self.metadata["kv_cache"]["dtype"]
-        self.hidden_size = self.metadata["hidden_size"]
+        self.tensor_parallel_shards = int(self.config.get("tensor_parallel_shards", 1))
         self.context_window_size = int(self.config["context_window_size"])
         self.prefill_chunk_size = int(self.config["prefill_chunk_size"])
         self.tokenizer = self._load_tokenizer()
         eos = self.config["eos_token_id"]
         self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-        self.fns = {name: self.vm[name] for name in ("embed", "prefill", "decode", "batch_prefill",
-                                                      "batch_decode", "softmax_with_temperature")}
 
     def _load_tokenizer(self):
         from tokenizers import Tokenizer
@@ -104,6 +89,39 @@ class LoadedPackage:
         if not path.is_file():
             raise UserError(f"{path}: missing; rebuild the package")
         return Tokenizer.from_file(str(path))
+
+
+class LoadedPackage(PackageFiles):
+    """A package's library, weights, tokenizer and config, loaded on one device (no KV cache).
+
+    A tensor-parallel package is loaded by `atom_tvm.runtime.sharded.ShardedPackage`, whose workers
+    each hold a ``LoadedPackage`` of their ``shard`` on their own GPU (``device`` then being a TVM
+    device rather than a name)."""
+
+    def __init__(self, package_dir: str | Path, device: str | tvm.runtime.Device = "cpu",
+                 make_param: Callable[[str, tuple, str], tvm.runtime.Tensor] | None = None,
+                 shard: int | None = None):
+        """``make_param(name, shape, dtype)``, for benchmarks of libraries built without weights, makes
+        each parameter on the device instead of reading the package's tensor cache."""
+        named = isinstance(device, str)
+        super().__init__(package_dir, device if named else "cuda" if device.dlpack_device_type() == 2 else "cpu")
+        if shard is None and self.tensor_parallel_shards > 1:
+            raise UserError(f"{self.package_dir} is split over {self.tensor_parallel_shards} GPUs; load it with "
+                            "atom_tvm.runtime.open_package (chat, serve and eval do)")
+        self.device = load_device(device) if named else device
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.lib_path)), self.device)
+        self.metadata = json.loads(self.vm["_metadata"]())
+        expected = [(p["name"], tuple(p["shape"]), p["dtype"]) for p in self.metadata["params"]]
+        if make_param is None:
+            weights_dir = self.package_dir if shard is None else self.package_dir / package.tensor_parallel_dir(shard)
+            arrays = package.load_tensor_cache(weights_dir, expected)
+            self.params = [tvm.runtime.tensor(arrays[name], self.device) for name, _, _ in expected]
+        else:
+            self.params = [make_param(name, shape, dtype) for name, shape, dtype in expected]
+        self.dtype = self.metadata["kv_cache"]["dtype"]
+        self.hidden_size = self.metadata["hidden_size"]
+        self.fns = {name: self.vm[name] for name in ("embed", "prefill", "decode", "batch_prefill",
+                                                      "batch_decode", "softmax_with_temperature")}
 
     def open_kv_cache(self, max_batch: int, max_total_tokens: int):
         """A fresh KV cache for up to ``max_batch`` sequences holding ``max_total_tokens`` tokens."""
@@ -116,13 +134,41 @@ class LoadedPackage:
         embed = self.fns["embed"](ids, self.params)
         return embed._create_view(tvm_ffi.Shape([rows, len(token_ids) // rows, self.hidden_size]))
 
+    def forward(self, fn: str, token_ids, kv_arg, rows: int = 1, logit_positions=None) -> tvm.runtime.Tensor:
+        """Entry point ``fn`` (prefill, decode, batch_prefill, batch_decode) on ``token_ids`` laid out as
+        ``rows`` rows, with this step's ``kv_arg`` (`KVCache.begin_forward`); float32 logits
+        ``[rows, positions, vocab]`` on the device (``batch_prefill``: at ``logit_positions``)."""
+        extra = ()
+        if logit_positions is not None:
+            extra = (tvm.runtime.tensor(np.asarray(logit_positions, dtype="int32"), self.device),)
+        logits, _ = self.fns[fn](self.embed(token_ids, rows), *extra, kv_arg, self.params)
+        return logits
+
+    def probs(self, logits: tvm.runtime.Tensor, temperatures) -> np.ndarray:
+        """Softmax of ``logits [B, 1, vocab]`` at one temperature per row, on the device; [B, vocab]."""
+        temps = tvm.runtime.tensor(np.asarray(temperatures, dtype="float32"), self.device)
+        probs = self.fns["softmax_with_temperature"](logits, temps).numpy()
+        return probs.reshape(probs.shape[0], -1)
+
+
+def open_package(package_dir: str | Path, device: str = "cpu"):
+    """The package loaded for running: a `LoadedPackage` on one device, or for a tensor-parallel package
+    a `ShardedPackage` over as many GPUs (or, on the CPU, worker threads) as it has shards. Both run
+    `forward` and `probs` and open KV caches alike."""
+    files = PackageFiles(package_dir, device)
+    if files.tensor_parallel_shards == 1:
+        return LoadedPackage(package_dir, device)
+    from atom_tvm.runtime.sharded import ShardedPackage
+
+    return ShardedPackage(package_dir, device)
+
 
 class ChatModel:
-    """One package loaded on one device, with one conversation's KV cache."""
+    """One package loaded on one device (or its shards' GPUs), with one conversation's KV cache."""
 
     def __init__(self, package_dir: str | Path, device: str = "cpu"):
-        self.model = model = LoadedPackage(package_dir, device)
-        self.config, self.tokenizer, self.vm, self.metadata = model.config, model.tokenizer, model.vm, model.metadata
+        self.model = model = open_package(package_dir, device)
+        self.config, self.tokenizer, self.metadata = model.config, model.tokenizer, model.metadata
         self.context_window_size, self.prefill_chunk_size = model.context_window_size, model.prefill_chunk_size
         self.kv_cache = self.model.open_kv_cache(max_batch=1, max_total_tokens=self.context_window_size)
         self._num_cached = 0
@@ -145,11 +191,11 @@ class ChatModel:
 
     def _forward(self, fn: str, token_ids: list[int], *extra) -> tvm.runtime.Tensor:
         """Run `prefill`, `decode` or `batch_prefill` (whose `extra` is the logit positions) on tokens
-        appended to the sequence; float32 logits [1, positions, vocab]."""
-        embed = self.model.embed(token_ids)
+        appended to the sequence; float32 logits [1, positions, vocab] (on the device, or on the host
+        from a sharded package)."""
         kv = self.kv_cache.begin_forward([_SEQ_ID], [len(token_ids)])
         try:
-            logits, _ = self.model.fns[fn](embed, *extra, kv, self.model.params)
+            logits = self.model.forward(fn, token_ids, kv, 1, *extra)
         except BaseException:  # Ctrl-C included: undo the append so the cache matches _num_cached
             self.kv_cache.end_forward()
             self.kv_cache.popn(_SEQ_ID, len(token_ids))
@@ -171,8 +217,7 @@ class ChatModel:
         rows = []
         for start in range(0, len(token_ids), self.prefill_chunk_size):
             chunk = token_ids[start:start + self.prefill_chunk_size]
-            positions = tvm.runtime.tensor(np.arange(len(chunk), dtype="int32"), self.model.device)
-            rows.append(self._forward("batch_prefill", chunk, positions).numpy()[0])
+            rows.append(self._forward("batch_prefill", chunk, np.arange(len(chunk))).numpy()[0])
         return np.concatenate(rows, axis=0)
 
     def decode(self, token: int) -> tvm.runtime.Tensor:
@@ -182,8 +227,7 @@ class ChatModel:
     def _next_token(self, logits: tvm.runtime.Tensor, gen: GenerationConfig, rng) -> int:
         if gen.temperature <= 0:
             return int(np.argmax(logits.numpy().reshape(-1)))
-        temp = tvm.runtime.tensor(np.array([gen.temperature], dtype="float32"), self.model.device)
-        probs = self.model.fns["softmax_with_temperature"](logits, temp).numpy().reshape(-1)
+        probs = self.model.probs(logits, [gen.temperature])[0]
         return sample_token(probs, gen.top_p, rng)
 
     def check_fits(self, n_new: int) -> None:

@@ -23,7 +23,7 @@ import tvm_ffi
 from atom_tvm.errors import UserError
 from atom_tvm.runtime.kv_pages import KVCacheFull, PageManager
 
-__all__ = ["KVCache", "KVCacheFull", "TVMKVCache", "AtomKVCache", "open_kv_cache"]
+__all__ = ["KVCache", "KVCacheFull", "TVMKVCache", "AtomKVCache", "LocalPages", "open_kv_cache", "cache_pages"]
 
 
 class KVCache(abc.ABC):
@@ -105,22 +105,37 @@ class TVMKVCache(KVCache):
         self._call["kv_state_end_forward"](self.obj)
 
 
-class AtomKVCache(KVCache):
-    """Atom's page buffers on the device plus the native page manager on the host."""
+class LocalPages:
+    """Atom's page buffers on this process's device, made by the library's ``create_paged_kv_cache``."""
 
-    def __init__(self, vm, device, layout: dict, num_pages: int, max_batch: int):
-        self.page_size, self.num_pages = int(layout["page_size"]), num_pages
+    def __init__(self, vm, device, num_pages: int, page_size: int, max_batch: int):
         self.device = device
-        self.pages = list(vm["create_paged_kv_cache"](_shape(max_batch), _shape(num_pages * self.page_size),
-                                                       _shape(0), _shape(self.page_size), _shape(0)))
-        self.manager = PageManager(num_pages, self.page_size, max_batch)
+        self.buffers = list(vm["create_paged_kv_cache"](_shape(max_batch), _shape(num_pages * page_size),
+                                                         _shape(0), _shape(page_size), _shape(0)))
         self._copy_pages = vm["copy_kv_pages"]
+
+    def copy(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Page ``src[i]`` of every layer onto page ``dst[i]``."""
+        self._copy_pages(self.buffers, tvm.runtime.tensor(src, self.device), tvm.runtime.tensor(dst, self.device))
+
+    def step_arg(self, tables: list[np.ndarray]) -> list:
+        """The entry points' ``paged_kv_cache`` argument: the buffers, then this step's tables."""
+        return [*self.buffers, *(tvm.runtime.tensor(t, self.device) for t in tables)]
+
+
+class AtomKVCache(KVCache):
+    """Atom's page buffers (``pages``: `LocalPages`, or every shard's through
+    `atom_tvm.runtime.sharded.ShardedPages`) plus the native page manager on the host."""
+
+    def __init__(self, pages, num_pages: int, page_size: int, max_batch: int):
+        self.page_size, self.num_pages = page_size, num_pages
+        self.pages = pages
+        self.manager = PageManager(num_pages, self.page_size, max_batch)
 
     def _apply_copies(self, copies) -> None:
         if len(copies):
             copies = np.asarray(copies, dtype=np.int32).reshape(-1, 2)
-            self._copy_pages(self.pages, tvm.runtime.tensor(np.ascontiguousarray(copies[:, 0]), self.device),
-                             tvm.runtime.tensor(np.ascontiguousarray(copies[:, 1]), self.device))
+            self.pages.copy(np.ascontiguousarray(copies[:, 0]), np.ascontiguousarray(copies[:, 1]))
 
     def num_free_pages(self) -> int:
         return self.manager.num_free_pages
@@ -140,10 +155,9 @@ class AtomKVCache(KVCache):
     def begin_forward(self, seq_ids: list[int], lengths: list[int]):
         step = self.manager.begin_forward(np.asarray(seq_ids, np.int64), np.asarray(lengths, np.int64))
         self._apply_copies(step.copy_pages)
-        # The arrays are views the next begin_forward overwrites: upload them now.
-        tables = [step.qo_indptr, step.page_indptr, step.page_indices, step.last_page_len,
-                  step.append_slots, step.positions]
-        return [*self.pages, *(tvm.runtime.tensor(t, self.device) for t in tables)]
+        # The arrays are views the next begin_forward overwrites: the pages upload (or send) them now.
+        return self.pages.step_arg([step.qo_indptr, step.page_indptr, step.page_indices, step.last_page_len,
+                                    step.append_slots, step.positions])
 
     def end_forward(self) -> None:
         """Nothing to do: the page manager updated the lengths when the step began."""
@@ -155,15 +169,21 @@ def pages_for_tokens(tokens: int, page_size: int, max_batch: int) -> int:
     return -(-tokens // page_size) + max_batch
 
 
+def cache_pages(metadata: dict, max_batch: int, max_total_tokens: int) -> tuple[int, int]:
+    """(pages, page size) of a cache of the library's kind for ``max_total_tokens`` tokens over
+    ``max_batch`` sequences."""
+    layout = metadata["kv_cache"]
+    page_size = int(metadata.get("page_size", layout.get("page_size", 16)))
+    if layout.get("kind", "tvm") == "atom" and int(layout["page_size"]) != page_size:
+        raise UserError(f"package page size {page_size} differs from its kernels' {layout['page_size']}; rebuild it")
+    return pages_for_tokens(max_total_tokens, page_size, max_batch), page_size
+
+
 def open_kv_cache(vm, device, metadata: dict, max_batch: int, max_total_tokens: int,
                   prefill_chunk: int) -> KVCache:
     """The cache a library was built with, sized for ``max_total_tokens`` tokens over ``max_batch``
     sequences."""
-    layout = metadata["kv_cache"]
-    page_size = int(metadata.get("page_size", layout.get("page_size", 16)))
-    num_pages = pages_for_tokens(max_total_tokens, page_size, max_batch)
-    if layout.get("kind", "tvm") == "atom":
-        if int(layout["page_size"]) != page_size:
-            raise UserError(f"package page size {page_size} differs from its kernels' {layout['page_size']}; rebuild it")
-        return AtomKVCache(vm, device, layout, num_pages, max_batch)
+    num_pages, page_size = cache_pages(metadata, max_batch, max_total_tokens)
+    if metadata["kv_cache"].get("kind", "tvm") == "atom":
+        return AtomKVCache(LocalPages(vm, device, num_pages, page_size, max_batch), num_pages, page_size, max_batch)
     return TVMKVCache(vm, num_pages, page_size, max_batch, prefill_chunk)
