@@ -1,0 +1,197 @@
+"""Tensor parallelism (`--tensor-parallel-shards`) on the CPU: the sharding itself, run shard by shard.
+
+A CPU has no NCCL, so the N-shard package runs in a Disco `ThreadedSession` (one worker thread per
+shard, atom-tvm's in-process all-reduce): the same library, per-shard weight files, page tables
+and controller as on N GPUs, only the collective differs. Each sharded package is compared with the
+one-shard build of the same weights on the same tokens:
+
+* fp32 (float weights, Atom fp16 pages): logits within the rounding of the sums' new order (float32
+  sums, float16 pages);
+* atom-w4a4 from a checkpoint quantized for 2 shards (`quantize --tensor-parallel-shards 2`), against
+  the one-shard build of that checkpoint (its o_proj and down_proj run as two blocks on one device).
+  Both are the same quantized model; what differs is float16 rounding: the one-shard build chains
+  the two blocks' GEMMs through its float16 residual epilogue, the two shards sum float16 partial
+  products in the all-reduce, and a rounding that moves an activation across an INT4 step of the
+  next quantizer changes a code by a whole step. tests/test_atom_w4a4_package.py measured that
+  amplification on this model's size: float16 alone moves the simulation by half its quantization
+  error. So the bound is that: the sharded logits (teacher-forced on the one-shard run's tokens) must
+  be within half the one-shard package's distance from the float model (measured 0.068 against
+  0.214, the same at every step; the same model built fp16, unquantized, moves by 0.0017 when
+  sharded, which is the rounding being amplified), and pick the same token wherever the one-shard
+  top two are further apart than the logits moved (the real SmolLM2's greedy tokens are compared
+  on GPUs, docs/bench/tensor_parallel.md).
+
+Plus the refusals: shard counts that do not divide the heads, KV heads or MLP; schemes without a
+sharded build; a checkpoint laid out for another shard count; a missing shard file at load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cli import assert_user_error, run_module
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from atom_tvm.build import build  # noqa: E402
+from atom_tvm.runtime.engine import ChatModel, open_package  # noqa: E402
+
+PROMPT_LEN, STEPS, CHUNK = 29, 12, 16
+TINY_QUANT = ("--group-size", "64", "--n-outliers", "64", "--calib-windows", "4", "--calib-window-length", "128")
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer_dir):
+    """A random Llama with 4 query heads, 2 KV heads and 384 MLP channels (2 shards split each)."""
+    root = tmp_path_factory.mktemp("tiny-tp")
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # random init gives near-uniform logits; sharpen them
+    hf = root / "hf"
+    model.save_pretrained(hf)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, hf / f.name)
+    return root, hf
+
+
+def build_pkg(model_dir, out, *extra):
+    return build(["--model", str(model_dir), "--target", "llvm", "-o", str(out), "--prefill-chunk-size", str(CHUNK),
+                  "--context-window-size", "128", "--conv-template", "chatml", *extra])
+
+
+def greedy_logits(pkg_dir, prompt: list[int], forced: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
+    """Logits of a chunked prefill and STEPS greedy decode steps (feeding ``forced`` instead of the
+    argmax when given, so two packages' steps see the same tokens)."""
+    chat = ChatModel(pkg_dir, "cpu")
+    rows, tokens = [], []
+    logits = chat.prefill(prompt)
+    for step in range(STEPS):
+        rows.append(logits.numpy().reshape(-1))
+        tokens.append(int(rows[-1].argmax()))
+        logits = chat.decode(forced[step] if forced else tokens[-1])
+    if hasattr(chat.model, "close"):
+        chat.model.close()
+    return np.stack(rows), tokens
+
+
+@pytest.fixture(scope="module")
+def fp32_packages(tiny):
+    """The tiny model in fp32 with Atom's fp16 pages: one shard, and two."""
+    root, hf = tiny
+    return (build_pkg(hf, root / "fp32-1", "--quantization", "fp32", "--kv-cache", "fp16"),
+            build_pkg(hf, root / "fp32-2", "--quantization", "fp32", "--tensor-parallel-shards", "2"))
+
+
+def test_fp32_two_shards_match_one(fp32_packages):
+    one, two = fp32_packages
+    config = json.loads((two / "mlc-chat-config.json").read_text())
+    assert config["tensor_parallel_shards"] == 2 and config["kv_cache"] == "fp16"  # Atom's pages by default
+    assert not (two / "tensor-cache.json").exists()
+    shard_params = [json.loads((two / f"tp-shard-{k}" / "tensor-cache.json").read_text()) for k in range(2)]
+    names = [{r["name"] for f in cache["records"] for r in f["records"]} for cache in shard_params]
+    assert names[0] == names[1]
+    prompt = np.random.default_rng(5).integers(3, 512, PROMPT_LEN).tolist()
+    want, want_tokens = greedy_logits(one, prompt)
+    got, got_tokens = greedy_logits(two, prompt)
+    assert got_tokens == want_tokens
+    # The shards sum o_proj's and down_proj's partial products in another order (float32 rounding),
+    # and K/V go to float16 pages, where such a difference can flip a rounding (2^-11 relative):
+    # measured 5.6e-5 of the largest logit.
+    np.testing.assert_allclose(got, want, rtol=0, atol=2.5e-4 * np.abs(want).max())
+
+
+def test_atom_w4a4_two_shards_match_one(tiny):
+    root, hf = tiny
+    calib = root / "calib.txt"
+    calib.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 512, 3000)))
+    ckpt = root / "atom-tp2"
+    proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT,
+                      "--tensor-parallel-shards", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = build_pkg(ckpt, root / "atom-1", "--quantization", "atom-w4a4")
+    two = build_pkg(ckpt, root / "atom-2", "--quantization", "atom-w4a4", "--tensor-parallel-shards", "2")
+    prompt = np.random.default_rng(9).integers(3, 512, PROMPT_LEN).tolist()
+    want, want_tokens = greedy_logits(one, prompt)
+    got, got_tokens = greedy_logits(two, prompt, forced=want_tokens)
+    model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
+    with torch.no_grad():
+        float_logits = model(torch.tensor([prompt + want_tokens[:-1]])).logits[0].double().numpy()
+    quant_error = rel_l2(want, float_logits[PROMPT_LEN - 1:])
+    assert rel_l2(got, want) < quant_error / 2, (rel_l2(got, want), quant_error)
+    # Greedy choices agree wherever the one-shard top-two gap exceeds what the logits moved.
+    top2 = np.sort(want, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - want).max(axis=1)
+    assert np.array_equal(np.array(got_tokens)[clear], np.array(want_tokens)[clear])
+
+
+def test_shard_counts_that_do_not_divide_are_refused(tiny, tmp_path):
+    _, hf = tiny
+    proc = run_module("atom_tvm.build", "--model", hf, "--target", "llvm", "--quantization", "fp32",
+                      "--tensor-parallel-shards", "3", "-o", tmp_path / "p")
+    assert_user_error(proc, "--tensor-parallel-shards 3", "num_attention_heads 4", "[1, 2]")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--quantization", "w8a8", "--tensor-parallel-shards", "2"), ("w8a8", "no tensor-parallel build")),
+    (("--quantization", "fp32", "--tensor-parallel-shards", "2", "--kv-cache", "tvm"), ("--kv-cache fp16",)),
+])
+def test_unsupported_combinations_are_refused(tiny, tmp_path, args, needles):
+    _, hf = tiny
+    proc = run_module("atom_tvm.build", "--model", hf, "--target", "llvm", *args, "-o", tmp_path / "p")
+    assert_user_error(proc, *needles)
+
+
+def test_atom_checkpoint_for_one_shard_is_refused_for_two(tiny, tmp_path):
+    root, hf = tiny
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(3, 512, 1500)))
+    ckpt = tmp_path / "atom-tp1"
+    proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, "--no-gptq",
+                      *TINY_QUANT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("atom_tvm.build", "--model", ckpt, "--target", "llvm", "--quantization", "atom-w4a4",
+                      "--tensor-parallel-shards", "2", "-o", tmp_path / "p")
+    assert_user_error(proc, "laid out for 1 shard", "--tensor-parallel-shards 2")
+
+
+def test_missing_shard_file_names_the_shard(fp32_packages, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(fp32_packages[1], pkg)
+    (pkg / "tp-shard-1" / "params_shard_0.bin").unlink()
+    with pytest.raises(Exception) as err:
+        open_package(pkg, "cpu")
+    assert "tensor-parallel shard 1 of 2" in str(err.value) and "params_shard_0.bin" in str(err.value)
+    proc = run_module("atom_tvm.chat", pkg, "--device", "cpu", stdin="/exit\n")
+    assert_user_error(proc, "tensor-parallel shard 1 of 2")
+
+
+def test_blocked_outlier_permutation_reorders_each_shard_slice_alone():
+    from atom_tvm.quantization.reorder import blocked_outlier_permutation
+
+    rng = np.random.default_rng(4)
+    k, blocks, outliers = 48, 3, 5
+    sumsq = rng.random(k)
+    perm = blocked_outlier_permutation(sumsq, outliers, blocks)
+    width = k // blocks
+    for b in range(blocks):
+        block = perm[b * width:(b + 1) * width]
+        channels = np.arange(b * width, (b + 1) * width)
+        assert sorted(block) == channels.tolist()  # a slice stays on its shard
+        top = set(channels[np.argsort(sumsq[channels])[-outliers:]])
+        assert set(block[-outliers:]) == top  # its own largest channels last
+        normal = block[:-outliers]
+        assert normal.tolist() == sorted(normal)  # the rest in their order
