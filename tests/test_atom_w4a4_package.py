@@ -31,12 +31,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from cli import run_module
+from tiny_llama import calibration_text, rel_l2, save_tiny_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,30 +48,12 @@ PROMPT_LEN, STEPS, CHUNK = 37, 30, 16
 TINY_QUANT = ("--group-size", "64", "--n-outliers", "64", "--calib-windows", "4", "--calib-window-length", "128")
 
 
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_tokenizer_dir):
     """(HF dir, calibration text, Atom checkpoint, package)."""
     root = tmp_path_factory.mktemp("tiny-atom")
-    torch.manual_seed(7)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # random init gives near-uniform logits; sharpen them
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight.uniform_(0.5, 1.5)
-    hf = root / "hf"
-    model.save_pretrained(hf)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, hf / f.name)
-    calib = root / "calib.txt"
-    calib.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 512, 3000)))
+    hf = save_tiny_llama(root / "hf", tiny_tokenizer_dir, seed=7, vary_norms=True)
+    calib = calibration_text(root / "calib.txt")
     ckpt = root / "atom"
     proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 from cli import assert_user_error, run_module
+from tiny_llama import calibration_text, rel_l2, save_tiny_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -45,26 +46,11 @@ PROMPT_LEN, STEPS, CHUNK = 29, 12, 16
 TINY_QUANT = ("--group-size", "64", "--n-outliers", "64", "--calib-windows", "4", "--calib-window-length", "128")
 
 
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_tokenizer_dir):
     """A random Llama with 4 query heads, 2 KV heads and 384 MLP channels (2 shards split each)."""
     root = tmp_path_factory.mktemp("tiny-tp")
-    torch.manual_seed(3)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # random init gives near-uniform logits; sharpen them
-    hf = root / "hf"
-    model.save_pretrained(hf)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, hf / f.name)
-    return root, hf
+    return root, save_tiny_llama(root / "hf", tiny_tokenizer_dir, seed=3)
 
 
 def build_pkg(model_dir, out, *extra):
@@ -115,8 +101,7 @@ def test_fp32_two_shards_match_one(fp32_packages):
 
 def test_atom_w4a4_two_shards_match_one(tiny):
     root, hf = tiny
-    calib = root / "calib.txt"
-    calib.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 512, 3000)))
+    calib = calibration_text(root / "calib.txt")
     ckpt = root / "atom-tp2"
     proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT,
                       "--tensor-parallel-shards", "2")
@@ -157,8 +142,7 @@ def test_unsupported_combinations_are_refused(tiny, tmp_path, args, needles):
 
 def test_atom_checkpoint_for_one_shard_is_refused_for_two(tiny, tmp_path):
     root, hf = tiny
-    calib = tmp_path / "calib.txt"
-    calib.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(3, 512, 1500)))
+    calib = calibration_text(tmp_path / "calib.txt", seed=1, words=1500)
     ckpt = tmp_path / "atom-tp1"
     proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, "--no-gptq",
                       *TINY_QUANT)
