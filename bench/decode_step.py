@@ -62,17 +62,17 @@ def timed_steps(pkg, kv, batch: int, steps: int, rng) -> dict:
     return {key: float(np.mean(v)) for key, v in parts.items()}
 
 
-def gpu_kernel_ms(pkg, kv, batch: int, steps: int, rng) -> float:
-    """Summed CUDA kernel time per step, from torch's profiler."""
+def gpu_kernel_ms(pkg, kv, batch: int, steps: int, rng) -> tuple[float, dict]:
+    """Summed CUDA kernel time per step, from torch's profiler, and the 12 kernels that take most."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         timed_steps(pkg, kv, batch, steps, rng)
         torch.cuda.synchronize()
-    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0
-                   and e.key != "ProfilerStep*")
-    return total_us / 1e3 / steps
+    kernels = {e.key: e.device_time_total / 1e3 / steps for e in prof.key_averages() if e.device_time_total > 0}
+    top = dict(sorted(kernels.items(), key=lambda kv_: -kv_[1])[:12])
+    return sum(kernels.values()), top
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
         row = {"package": args.package.name, "batch": batch, "context": args.context,
                **timed_steps(pkg, kv, batch, args.steps, rng)}
         if args.device == "cuda":
-            row["gpu_kernels_ms"] = gpu_kernel_ms(pkg, kv, batch, args.steps, rng)
+            row["gpu_kernels_ms"], row["top_kernels_ms"] = gpu_kernel_ms(pkg, kv, batch, args.steps, rng)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del kv
