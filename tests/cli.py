@@ -15,7 +15,8 @@ def run_module(module: str, *args, stdin: str | None = None, timeout: float = 90
     """`python -m module args...` in a fresh interpreter from the repository root."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, input=stdin,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {})})
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles) -> str:

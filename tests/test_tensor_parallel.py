@@ -53,15 +53,22 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir):
     return root, save_tiny_llama(root / "hf", tiny_tokenizer_dir, seed=3)
 
 
-def build_pkg(model_dir, out, *extra):
-    return build(["--model", str(model_dir), "--target", "llvm", "-o", str(out), "--prefill-chunk-size", str(CHUNK),
+def build_pkg(model_dir, out, *extra, device: str = "cpu"):
+    target = ["--target", "llvm"]
+    if device == "cuda":  # for the GPUs of this host
+        import tvm
+
+        major, minor = tvm.cuda(0).compute_version.split(".")
+        target = ["--target", "cuda", "--arch", "sm_90a" if (major, minor) == ("9", "0") else f"sm_{major}{minor}"]
+    return build(["--model", str(model_dir), *target, "-o", str(out), "--prefill-chunk-size", str(CHUNK),
                   "--context-window-size", "128", "--conv-template", "chatml", *extra])
 
 
-def greedy_logits(pkg_dir, prompt: list[int], forced: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
+def greedy_logits(pkg_dir, prompt: list[int], forced: list[int] | None = None, device: str = "cpu"
+                  ) -> tuple[np.ndarray, list[int]]:
     """Logits of a chunked prefill and STEPS greedy decode steps (feeding ``forced`` instead of the
     argmax when given, so two packages' steps see the same tokens)."""
-    chat = ChatModel(pkg_dir, "cpu")
+    chat = ChatModel(pkg_dir, device)
     rows, tokens = [], []
     logits = chat.prefill(prompt)
     for step in range(STEPS):
@@ -99,18 +106,40 @@ def test_fp32_two_shards_match_one(fp32_packages):
     np.testing.assert_allclose(got, want, rtol=0, atol=2.5e-4 * np.abs(want).max())
 
 
-def test_atom_w4a4_two_shards_match_one(tiny):
+@pytest.fixture(scope="module")
+def atom_tp2_checkpoint(tiny):
+    """The tiny model's Atom checkpoint laid out for 2 shards."""
     root, hf = tiny
     calib = calibration_text(root / "calib.txt")
     ckpt = root / "atom-tp2"
     proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT,
                       "--tensor-parallel-shards", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = build_pkg(ckpt, root / "atom-1", "--quantization", "atom-w4a4")
-    two = build_pkg(ckpt, root / "atom-2", "--quantization", "atom-w4a4", "--tensor-parallel-shards", "2")
+    return ckpt
+
+
+def _gpu_count() -> int:
+    import tvm
+
+    from atom_tvm.runtime.engine import load_device
+
+    load_device("cuda")
+    return sum(1 for i in range(8) if tvm.cuda(i).exist)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_atom_w4a4_two_shards_match_one(tiny, atom_tp2_checkpoint, device, tmp_path):
+    """On the CPU: a ThreadedSession. On a host with 2 GPUs: NCCL between two worker processes."""
+    if device == "cuda" and _gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _, hf = tiny
+    ckpt = atom_tp2_checkpoint
+    one = build_pkg(ckpt, tmp_path / "atom-1", "--quantization", "atom-w4a4", device=device)
+    two = build_pkg(ckpt, tmp_path / "atom-2", "--quantization", "atom-w4a4", "--tensor-parallel-shards", "2",
+                    device=device)
     prompt = np.random.default_rng(9).integers(3, 512, PROMPT_LEN).tolist()
-    want, want_tokens = greedy_logits(one, prompt)
-    got, got_tokens = greedy_logits(two, prompt, forced=want_tokens)
+    want, want_tokens = greedy_logits(one, prompt, device=device)
+    got, got_tokens = greedy_logits(two, prompt, forced=want_tokens, device=device)
     model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
     with torch.no_grad():
         float_logits = model(torch.tensor([prompt + want_tokens[:-1]])).logits[0].double().numpy()
@@ -141,7 +170,7 @@ def test_unsupported_combinations_are_refused(tiny, tmp_path, args, needles):
 
 
 def test_atom_checkpoint_for_one_shard_is_refused_for_two(tiny, tmp_path):
-    root, hf = tiny
+    _, hf = tiny
     calib = calibration_text(tmp_path / "calib.txt", seed=1, words=1500)
     ckpt = tmp_path / "atom-tp1"
     proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, "--no-gptq",
