@@ -187,9 +187,14 @@ class BlockedW4A4Linear(nn.Module):
     """o_proj or down_proj of a checkpoint laid out for tensor parallelism (``quantize
     --tensor-parallel-shards``): the input is ``blocks`` contiguous slices, each quantized on its own
     (o_proj: reordered and quantized here; down_proj: `BlockedSiLUMulQuantize`'s outputs) and
-    multiplied by its own packed weights. The block GEMMs chain through the residual epilogue
-    (each adds the previous one's output); across shards the partial sums are all-reduced and the
-    residual is added once, after."""
+    multiplied by its own packed weights.
+
+    Each block's float16 partial product is summed in float32, over the blocks and (all-reduce) over
+    the shards, and the residual is added before the one rounding to float16. Sums of a few float16
+    terms are exact in float32 (their mantissas fit), so the result does not depend on the order in
+    which they are added: one GPU running all blocks and N GPUs running N/S each (NCCL reducing in its
+    own order) give the same bits. A W4A4 model turns any float16 rounding difference into whole INT4
+    steps in the next quantizer, so this is what keeps their greedy tokens equal."""
 
     def __init__(self, in_features: int, out_features: int, blocks: int, shards: int, reorder: bool,
                  layout: AtomLayout, target: Target):
@@ -201,10 +206,11 @@ class BlockedW4A4Linear(nn.Module):
     def forward(self, x: Tensor | list[PackedActivation], residual: Tensor) -> Tensor:
         if self.reorder:
             x = op.split(x, len(self.blocks), axis=-1) if len(self.blocks) > 1 else [x]
-        y = residual if self.shards == 1 else None
+        total = None
         for block, block_x in zip(self.blocks, x):
-            y = block(block_x, y)
-        return y if self.shards == 1 else all_reduce(y, self.shards) + residual
+            partial = block(block_x).astype("float32")
+            total = partial if total is None else total + partial
+        return (all_reduce(total, self.shards) + residual.astype("float32")).astype("float16")
 
 
 class AtomW4A4Mutator(nn.Mutator):
