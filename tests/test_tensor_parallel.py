@@ -199,3 +199,49 @@ def test_blocked_outlier_permutation_reorders_each_shard_slice_alone():
         assert set(block[-outliers:]) == top  # its own largest channels last
         normal = block[:-outliers]
         assert normal.tolist() == sorted(normal)  # the rest in their order
+
+
+def test_engine_and_server_run_a_sharded_package(atom_tp2_checkpoint, tmp_path):
+    """Continuous batching over a sharded package gives, request by request, the tokens of the
+    one-shard package (bit-identical builds, see above); the server answers from one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from atom_tvm.runtime.batching import Engine, SamplingParams
+    from cli import REPO
+
+    one = build_pkg(atom_tp2_checkpoint, tmp_path / "atom-1", "--quantization", "atom-w4a4")
+    two = build_pkg(atom_tp2_checkpoint, tmp_path / "atom-2", "--quantization", "atom-w4a4",
+                    "--tensor-parallel-shards", "2")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 512, int(n)).tolist() for n in rng.integers(3, 40, 6)]
+    outputs = []
+    for pkg_dir in (one, two):
+        engine = Engine(open_package(pkg_dir, "cpu"), max_batch=4, kv_tokens=512)
+        outputs.append([c.token_ids for c in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=10))])
+    assert outputs[0] == outputs[1] and all(len(t) == 10 for t in outputs[1])
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "atom_tvm.serve", str(two), "--port", "0", "--kv-budget", "1024",
+                                 "--max-batch", "8"],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            url = next((line.split(" on ")[1].split()[0] for line in log.read_text().splitlines()
+                        if " on http://" in line), None)
+            time.sleep(0.2)
+        body = json.dumps({"prompt": prompts[0], "max_tokens": 10, "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["usage"]["completion_tokens"] == 10 and answer["choices"][0]["finish_reason"] == "length"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

@@ -13,6 +13,7 @@ run either.
 
 from __future__ import annotations
 
+import atexit
 import json
 from pathlib import Path
 
@@ -67,6 +68,9 @@ class ShardedPackage(PackageFiles):
             self.session = disco.ProcessSession(shards, entrypoint="atom_tvm.runtime.disco_worker")
         else:
             self.session = disco.ThreadedSession(shards)
+            # A threaded session still running when the interpreter exits aborts it (its worker
+            # threads are never joined): end it first.
+            atexit.register(self.session.shutdown)
         init_ccl(self.session, device, shards)
         self.session.import_python_module("atom_tvm.runtime.sharded_worker")
         self._funcs = {name: self.session.get_global_func(f"atom_tvm.shard.{name}") for name in _WORKER_FUNCS}
