@@ -163,7 +163,7 @@ def chat_config(args, cfg, scheme, model_dir: Path, lib_name: str) -> dict:
 
 
 def write_sharded_weights(out_dir: Path, cfg, scheme, target, model_dir: Path, expected: list, shards: int) -> dict:
-    """Each shard's weights in its own tensor cache (``shard-<i>/``), so a shard loads without the
+    """Each shard's weights in its own tensor cache (``tp-shard-<i>/``), so a shard loads without the
     others: the one-shard model's parameters, read once per shard and cut by the scheme's
     `shard_param`, checked against what the shard's library takes. Returns totals over the shards."""
     from atom_tvm.compile import export_model

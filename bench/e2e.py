@@ -215,10 +215,10 @@ def wave_pages(requests: list[tuple[list[int], int]], page_size: int) -> np.ndar
 def random_package(package_dir: Path, device: str, seed: int):
     """`LoadedPackage` of a library-only package, its parameters random tensors made on the device
     and handed to TVM through DLPack (no copy)."""
-    from atom_tvm.runtime.engine import LoadedPackage, PackageFiles
+    from atom_tvm.runtime.engine import LoadedPackage, tensor_parallel_shards
     from atom_tvm.runtime.random_weights import param_maker
 
-    if PackageFiles(package_dir, device).tensor_parallel_shards > 1:
+    if tensor_parallel_shards(package_dir) > 1:
         from atom_tvm.runtime.sharded import ShardedPackage
 
         return ShardedPackage(package_dir, device, random_seed=seed)  # each GPU makes its shard's weights

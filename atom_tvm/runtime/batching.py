@@ -44,6 +44,7 @@ import tvm_ffi
 
 from atom_tvm.errors import UserError
 from atom_tvm.runtime.engine import GenerationConfig, LoadedPackage, sample_token
+from atom_tvm.runtime.kv_cache import page_size_of
 from atom_tvm.runtime.kv_pages import PageManager
 
 if TYPE_CHECKING:
@@ -230,15 +231,11 @@ class RequestHandle:
         return Completion(self.request_id, list(self.prompt), tokens, "".join(text), out.finish_reason, out.error)
 
 
-def _page_size(metadata: dict) -> int:
-    return int(metadata.get("page_size", metadata["kv_cache"].get("page_size", 16)))
-
-
 def kv_budget_pages(metadata: dict, budget_bytes: int) -> int:
     """Pages (every layer's K and V for ``page_size`` tokens) of the package's KV cache that fit
     in ``budget_bytes``."""
     layout = metadata["kv_cache"]
-    page_size = _page_size(metadata)
+    page_size = page_size_of(metadata)
     layers, kv_heads, head_dim = layout["num_hidden_layers"], layout["num_key_value_heads"], layout["head_dim"]
     if layout.get("kind", "tvm") == "atom":
         return PageManager.pages_for_budget(budget_bytes, layers, kv_heads, head_dim, int(layout["bits"]), page_size)
@@ -262,7 +259,7 @@ class Engine:
             raise UserError(f"max_batch {max_batch} exceeds the package's prefill chunk of {self.max_step_tokens} "
                             "tokens, the most one step feeds; lower it or rebuild with a larger --prefill-chunk-size")
         self.max_batch = max_batch
-        page_size = _page_size(package.metadata)
+        page_size = page_size_of(package.metadata)
         budgets = []
         if kv_tokens is not None:
             if kv_tokens < 1:

@@ -151,12 +151,19 @@ class LoadedPackage(PackageFiles):
         return probs.reshape(probs.shape[0], -1)
 
 
+def tensor_parallel_shards(package_dir: str | Path) -> int:
+    """How many GPUs a package is split over, from its config alone (1 when the directory is not a
+    package: loading it then says what is wrong)."""
+    if not Path(package_dir).is_dir():
+        return 1
+    return int(package.read_chat_config(package_dir).get("tensor_parallel_shards", 1))
+
+
 def open_package(package_dir: str | Path, device: str = "cpu"):
     """The package loaded for running: a `LoadedPackage` on one device, or for a tensor-parallel package
     a `ShardedPackage` over as many GPUs (or, on the CPU, worker threads) as it has shards. Both run
     `forward` and `probs` and open KV caches alike."""
-    files = PackageFiles(package_dir, device)
-    if files.tensor_parallel_shards == 1:
+    if tensor_parallel_shards(package_dir) == 1:
         return LoadedPackage(package_dir, device)
     from atom_tvm.runtime.sharded import ShardedPackage
 

@@ -23,7 +23,8 @@ import tvm_ffi
 from atom_tvm.errors import UserError
 from atom_tvm.runtime.kv_pages import KVCacheFull, PageManager
 
-__all__ = ["KVCache", "KVCacheFull", "TVMKVCache", "AtomKVCache", "LocalPages", "open_kv_cache", "cache_pages"]
+__all__ = ["KVCache", "KVCacheFull", "TVMKVCache", "AtomKVCache", "LocalPages", "open_kv_cache", "cache_pages",
+           "page_size_of"]
 
 
 class KVCache(abc.ABC):
@@ -169,11 +170,16 @@ def pages_for_tokens(tokens: int, page_size: int, max_batch: int) -> int:
     return -(-tokens // page_size) + max_batch
 
 
+def page_size_of(metadata: dict) -> int:
+    """Tokens per KV page of a library (its ``_metadata``)."""
+    return int(metadata.get("page_size", metadata["kv_cache"].get("page_size", 16)))
+
+
 def cache_pages(metadata: dict, max_batch: int, max_total_tokens: int) -> tuple[int, int]:
     """(pages, page size) of a cache of the library's kind for ``max_total_tokens`` tokens over
     ``max_batch`` sequences."""
     layout = metadata["kv_cache"]
-    page_size = int(metadata.get("page_size", layout.get("page_size", 16)))
+    page_size = page_size_of(metadata)
     if layout.get("kind", "tvm") == "atom" and int(layout["page_size"]) != page_size:
         raise UserError(f"package page size {page_size} differs from its kernels' {layout['page_size']}; rebuild it")
     return pages_for_tokens(max_total_tokens, page_size, max_batch), page_size
