@@ -76,7 +76,14 @@ sequence still fills the cores. `prefill`: one task per (new token, KV head), wh
 pages up to its causal limit.
 
 ``cuda`` (hand-written TIR with explicit threads):
-`decode`: one block per (sequence, KV head, split), the sequence's pages cut into up to
+`decode` of INT4 pages of 16 tokens with groups of up to 8 query heads runs on fp16 tensor cores
+(`_decode_tensor_core_body` has the fragment layout): per page a warp computes the 16 tokens'
+scores and their P.V contribution as ``mma.sync m16n8k16`` with the 4-bit codes as exact float16
+operands (one LOP3 and one HSUB2/HFMA2 per two codes), ``P' = p * scale_v`` split into float16
+hi + lo halves (about 22 bits), each page's P.V accumulated afresh and added with a rounded
+FFMA; four warps per (sequence, KV head, split) block merge like the slots below. Every other
+`decode` (INT8, FP16, larger groups, other page sizes):
+one block per (sequence, KV head, split), the sequence's pages cut into up to
 `CUDA_DECODE_SPLITS` ranges only while the batch leaves the GPU short of blocks, so a page of
 K/V is read once for all G query heads of its group. A thread owns a chunk (4 to 16 bytes, see
 `_decode_cuda_layout`) of one token row and extracts each code once for all G heads (the
@@ -570,7 +577,9 @@ def decode(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     _check_variant(variant)
     HQ, HKV, D, P, S = num_q_heads, num_kv_heads, head_dim, page_size, DECODE_SPLITS
     G = HQ // HKV
-    if variant == "cuda":
+    if variant == "cuda" and _uses_tensor_core_decode(kv_bits, G, P):
+        body = _decode_tensor_core_body(HQ, HKV, D, P)
+    elif variant == "cuda":
         body = _decode_cuda_body(kv_bits, HQ, HKV, D, P)
     else:
         attend = _attend_macro(kv_bits, HQ, HKV, D, P)
@@ -1018,6 +1027,57 @@ def _decode_splits(B, HKV: int):
     return T.max(1, T.min(CUDA_DECODE_SPLITS, (_DECODE_BLOCKS + B * HKV - 1) // (B * HKV)))
 
 
+def _merge_slots_macro(G: int, D: int, Z: int, threads: int):
+    """``merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc)``: the Z slots' online
+    softmax states of a cuda decode block (``ms``/``ls [Z * G]``, ``accs [Z * G, D]`` in shared
+    memory, synchronized) merged into the split's partial state of each of the G heads."""
+
+    @T.macro
+    def merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc):
+        for i in range((G * D + threads - 1) // threads):
+            if tx + i * threads < G * D:
+                gg = (tx + i * threads) // D
+                d = (tx + i * threads) % D
+                m_all: T.float32 = ms[gg]
+                for zz in range(1, Z):
+                    m_all = T.max(m_all, ms[zz * G + gg])
+                l_all: T.float32 = T.float32(0)
+                a_all: T.float32 = T.float32(0)
+                for zz in range(Z):
+                    weight: T.float32 = T.exp(ms[zz * G + gg] - m_all)
+                    l_all = l_all + ls[zz * G + gg] * weight
+                    a_all = a_all + accs[zz * G + gg, d] * weight
+                part_acc[b, hk * G + gg, split, d] = a_all
+                if d == 0:
+                    part_ml[b, hk * G + gg, split, 0] = m_all
+                    part_ml[b, hk * G + gg, split, 1] = l_all
+
+    return merge_slots
+
+
+def _merge_splits_macro(HQ: int, HKV: int, D: int):
+    """``merge_splits(part_ml, part_acc, Out, B)``: the second kernel of a cuda decode, which
+    merges each (sequence, query head)'s split states and writes the float16 output."""
+
+    @T.macro
+    def merge_splits(part_ml, part_acc, Out, B):
+        with T.launch_thread("blockIdx.x", B * HQ) as bh:
+            d = T.launch_thread("threadIdx.x", D)
+            mb: T.float32 = part_ml[bh // HQ, bh % HQ, 0, 0]
+            for split in range(1, _decode_splits(B, HKV)):
+                mb = T.max(mb, part_ml[bh // HQ, bh % HQ, split, 0])
+            # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - mb) is 0.
+            lb: T.float32 = T.float32(0)
+            o: T.float32 = T.float32(0)
+            for split in range(_decode_splits(B, HKV)):
+                wb: T.float32 = T.exp(part_ml[bh // HQ, bh % HQ, split, 0] - mb)
+                lb = lb + part_ml[bh // HQ, bh % HQ, split, 1] * wb
+                o = o + part_acc[bh // HQ, bh % HQ, split, d] * wb
+            Out[bh // HQ, bh % HQ, d] = T.Cast("float16", _fdiv(o, lb))
+
+    return merge_splits
+
+
 def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
     """The cuda variant's body macro, arguments as the cpu body's.
 
@@ -1038,6 +1098,8 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
     DEPTH = _decode_depth(kv_bits, G)
     sm_scale = float(np.float32(1 / math.sqrt(D)))
     quantized = kv_bits != 16
+    merge_slots = _merge_slots_macro(G, D, Z, threads)
+    merge_splits = _merge_splits_macro(HQ, HKV, D)
 
     @T.macro
     def load(codes, scale_zero, Indptr, Indices, b, hk, x, j, j1, kw, vw, ksz, vsz, stage: int):
@@ -1157,36 +1219,291 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
                 for e in T.unroll(E):
                     accs[z * G + g, x * E + e] = acc[g * E + e] + zacc[g]
             T.tvm_storage_sync("shared")
-            for i in range((G * D + threads - 1) // threads):
-                if tx + i * threads < G * D:
-                    gg = (tx + i * threads) // D
-                    d = (tx + i * threads) % D
-                    m_all: T.float32 = ms[gg]
-                    for zz in range(1, Z):
-                        m_all = T.max(m_all, ms[zz * G + gg])
-                    l_all: T.float32 = T.float32(0)
-                    a_all: T.float32 = T.float32(0)
-                    for zz in range(Z):
-                        weight: T.float32 = T.exp(ms[zz * G + gg] - m_all)
-                        l_all = l_all + ls[zz * G + gg] * weight
-                        a_all = a_all + accs[zz * G + gg, d] * weight
-                    part_acc[b, hk * G + gg, split, d] = a_all
-                    if d == 0:
-                        part_ml[b, hk * G + gg, split, 0] = m_all
-                        part_ml[b, hk * G + gg, split, 1] = l_all
-        with T.launch_thread("blockIdx.x", B * HQ) as bh:
-            d = T.launch_thread("threadIdx.x", D)
-            mb: T.float32 = part_ml[bh // HQ, bh % HQ, 0, 0]
-            for split in range(1, _decode_splits(B, HKV)):
-                mb = T.max(mb, part_ml[bh // HQ, bh % HQ, split, 0])
-            # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - mb) is 0.
-            lb: T.float32 = T.float32(0)
-            o: T.float32 = T.float32(0)
-            for split in range(_decode_splits(B, HKV)):
-                wb: T.float32 = T.exp(part_ml[bh // HQ, bh % HQ, split, 0] - mb)
-                lb = lb + part_ml[bh // HQ, bh % HQ, split, 1] * wb
-                o = o + part_acc[bh // HQ, bh % HQ, split, d] * wb
-            Out[bh // HQ, bh % HQ, d] = T.Cast("float16", _fdiv(o, lb))
+            merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc)
+        merge_splits(part_ml, part_acc, Out, B)
+
+    return body
+
+
+#: Warps of a tensor-core INT4 decode block (`_decode_tensor_core_body`); each keeps its own
+#: online softmax over every `_TC_WARPS`-th page of the block's range.
+_TC_WARPS = 4
+#: Register pipeline stages (pages whose loads are in flight) of a tensor-core decode warp, by
+#: group size, measured on the H200 (docs/bench/attention.md): without GQA a second stage was
+#: 25% slower (its unrolled loop is twice as long, and the other resident warps hide the loads);
+#: with GQA 32/8 it was 5% faster.
+_TC_DEPTH_MHA = 1
+_TC_DEPTH_GQA = 2
+#: float16x2 constants of the code conversion: 0x6400 is 1024, whose ulp is 1, so
+#: ``0x6400 | code`` reads as 1024 + code; a code in a byte's high nibble reads as 1024 + 16 code,
+#: and (1024 + 16 code) * (1/16) + (-64) = code, exactly, in one FMA.
+_F16X2_1024 = 0x64006400
+_F16X2_SIXTEENTH = 0x2C002C00
+_F16X2_MINUS_64 = 0xD400D400
+#: Floats per head row of a warp's probability tile: 16 tokens + 4 of padding, so that the
+#: transposing writes hit 32 distinct banks and the float4 reads stay 16-byte aligned.
+_TC_P_STRIDE = 20
+_MMA_F16 = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+
+
+def _uses_tensor_core_decode(kv_bits: int, G: int, P: int) -> bool:
+    """Whether the cuda decode of this shape is `_decode_tensor_core_body`: INT4 pages of 16
+    tokens (one page is one m16 tile) and groups of at most 8 query heads (one n8 tile)."""
+    return kv_bits == 4 and G <= 8 and P == 16
+
+
+def _codes_f16x2(dst, x, high: bool):
+    """``dst`` = the 4-bit codes in bits 0-3 and 16-19 of ``x`` (``high``: 4-7 and 20-23) as an
+    exact float16 pair, low half first (one LOP3 and one HSUB2/HFMA2, no conversions)."""
+    if high:
+        biased = T.bitwise_or(T.bitwise_and(x, T.uint32(0x00F000F0)), T.uint32(_F16X2_1024))
+        return T.ptx["fma.rn.f16x2"](dst, biased, T.uint32(_F16X2_SIXTEENTH), T.uint32(_F16X2_MINUS_64))
+    biased = T.bitwise_or(T.bitwise_and(x, T.uint32(0x000F000F)), T.uint32(_F16X2_1024))
+    return T.ptx["sub.f16x2"](dst, biased, T.uint32(_F16X2_1024))
+
+
+def _f16_bits(x):
+    return T.Cast("uint32", T.reinterpret("uint16", x))
+
+
+def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
+    """The cuda decode over INT4 pages on fp16 tensor cores (`_uses_tensor_core_decode` shapes).
+
+    Per page a warp runs ``S^T = K_codes . Q^T`` and ``O^T += V_codes^T . P'^T`` as
+    ``mma.sync m16n8k16`` (float32 accumulate), the 16 tokens of the page on M (scores) or K
+    (output), the query heads of the group on N: the codes 0..15 are exact float16 operands, so
+    the only rounding the tensor cores add is that of ``P' = p * scale_v``, which is split
+    into two float16 terms (hi + lo, about 22 bits) fed to two mmas. As in the CUDA-core
+    kernel, ``score = (scale_k * (q . code) + zero_k * sum(q)) / sqrt(D)`` and the output is
+    ``sum(p * scale_v * code) + sum(p * zero_v)``, then ``/ l``.
+
+    Fragment layout (lane = 4 g + t): the contraction axes may be permuted freely, so each lane
+    loads whole chunks. Scores: lane (g, t) holds bytes ``16 t ..`` (D = 128; ``D / 8 * t`` in
+    general) of tokens g and g + 8 as the A operand; pair ``r`` of its chunk is the dims
+    ``8 (r // 4) + r % 4 + {0, 4}`` of the chunk (one LOP3 picks both nibbles), and q's B
+    fragment is packed in the same order once. Output: lane (g, t) holds dims ``D / 8 * g ..``
+    (8 bytes at D = 128) of tokens ``4 t .. 4 t + 3`` (one PRMT pairs two tokens' bytes); M row
+    g of tile ``mt`` is its dim ``mt``, row g + 8 its dim ``D / 16 + mt``. The probabilities
+    leave the score layout (tokens on rows) through a padded shared tile per warp into the
+    output's B layout (tokens on K). Online softmax per page (max by XOR shuffles over the 8
+    row lanes), l and the zero term kept per lane and reduced at the end; the warps' states
+    merge in shared memory like the CUDA-core kernel's slots, the splits in its second kernel.
+    """
+    G = HQ // HKV
+    threads = _TC_WARPS * _WARP
+    KW = D // 32  # words of a lane's K chunk (a quarter of a token row)
+    VW = D // 64  # words of a lane's V chunk (an eighth of a token row)
+    PAIRS = 4 * KW  # float16 pairs of a K chunk; two per k16 step of the score mma
+    MT = D // 16  # m16 tiles of the output (its rows are head dims)
+    DEPTH = _TC_DEPTH_MHA if G == 1 else _TC_DEPTH_GQA
+    PS_SIZE = _TC_WARPS * 8 * _TC_P_STRIDE
+    sm_scale = float(np.float32(1 / math.sqrt(D)))
+    merge_slots = _merge_slots_macro(G, D, _TC_WARPS, threads)
+    merge_splits = _merge_splits_macro(HQ, HKV, D)
+
+    @T.macro
+    def load(codes, scale_zero, Indptr, Indices, b, hk, g, t, pg, p1, kw, vw, sz, stage: int):
+        # Page pg's K chunks (tokens g, g + 8), V chunks (tokens 4t .. 4t + 3) and the (scale,
+        # zero) words of K and V for tokens g, g + 8 into stage `stage` (nothing past p1).
+        KVW = _word_view(codes)
+        SZW = _word_view(scale_zero)
+        if pg < p1:
+            page = Indices[Indptr[b] + pg]
+            for r in T.unroll(2):
+                for w in T.vectorized(KW):
+                    kw[(stage * 2 + r) * KW + w] = KVW[page, 0, hk, g + 8 * r, t * KW + w]
+            for r in T.unroll(4):
+                for w in T.vectorized(VW):
+                    vw[(stage * 4 + r) * VW + w] = KVW[page, 1, hk, 4 * t + r, g * VW + w]
+            for r in T.unroll(2):
+                sz[stage * 4 + r] = SZW[page, 0, hk, g + 8 * r, 0]
+                sz[stage * 4 + 2 + r] = SZW[page, 1, hk, g + 8 * r, 0]
+
+    @T.macro
+    def page_step(pg, j1, g, t, warp, kw, vw, sz, stage: int, qf, qsum, m, l, zacc, oacc, ka,
+                  va, sacc, pacc, sc, pp, alpha, rowf, pf, pb, ps):
+        # Scores of the page's 16 tokens (rows) for the group's heads (columns 2t, 2t + 1).
+        for r in T.unroll(2):
+            for w in T.unroll(KW):
+                for half in T.unroll(2):
+                    T.evaluate(_codes_f16x2(ka[r * PAIRS + 4 * w + 2 * half], T.shift_right(
+                        kw[(stage * 2 + r) * KW + w], T.uint32(8 * half)), False))
+                    T.evaluate(_codes_f16x2(ka[r * PAIRS + 4 * w + 2 * half + 1], T.shift_right(
+                        kw[(stage * 2 + r) * KW + w], T.uint32(8 * half)), True))
+        for c in T.unroll(4):
+            sacc[c] = T.float32(0)
+        for s in T.unroll(PAIRS // 2):
+            T.evaluate(T.ptx[_MMA_F16](
+                sacc[0], sacc[1], sacc[2], sacc[3], ka[2 * s], ka[PAIRS + 2 * s], ka[2 * s + 1],
+                ka[PAIRS + 2 * s + 1], qf[2 * s], qf[2 * s + 1], sacc[0], sacc[1], sacc[2], sacc[3]))
+        # Scale and zero of K and V for rows g and g + 8; zeros for rows past j1, whose stale
+        # bits may be inf or NaN (then every term of such a row is 0, its score _NEG_BIG).
+        for r in T.unroll(2):
+            rowf[r] = _scale(sz, stage * 4 + r)
+            rowf[2 + r] = _zero(sz, stage * 4 + r)
+            rowf[4 + r] = _scale(sz, stage * 4 + 2 + r)
+            rowf[6 + r] = _zero(sz, stage * 4 + 2 + r)
+            for i in T.unroll(4):
+                rowf[2 * i + r] = T.Select(pg * P + g + 8 * r < j1, rowf[2 * i + r], T.float32(0))
+        for c in T.unroll(4):
+            sc[c] = T.Select(pg * P + g + 8 * (c // 2) < j1, (
+                sacc[c] * rowf[c // 2] + qsum[c % 2] * rowf[2 + c // 2]) * T.float32(sm_scale),
+                T.float32(_NEG_BIG))
+        # Online softmax per head column: the page max over the 8 row lanes, then rescale.
+        for e in T.unroll(2):
+            page_max: T.float32 = T.max(sc[e], sc[2 + e])
+            for k in T.unroll(3):
+                page_max = T.max(page_max, _shuffle_xor(page_max, 4 << k))
+            m_new: T.float32 = T.max(m[e], page_max)
+            alpha[e] = T.exp(m[e] - m_new)
+            m[e] = m_new
+        for c in T.unroll(4):
+            pp[c] = T.exp(sc[c] - m[c % 2])
+        for e in T.unroll(2):
+            l[e] = l[e] * alpha[e] + pp[e] + pp[2 + e]
+            zacc[e] = zacc[e] * alpha[e] + pp[e] * rowf[6] + pp[2 + e] * rowf[7]
+        # P' = p * scale_v from the score layout into the output's B layout, through shared memory.
+        for c in T.unroll(4):
+            T.evaluate(T.ptx["st.shared.f32"](
+                ps.ptr_to([(warp * 8 + 2 * t + c % 2) * _TC_P_STRIDE + g + 8 * (c // 2)]),
+                pp[c] * rowf[4 + c // 2]))
+        T.evaluate(T.call_extern("void", "__syncwarp"))
+        T.evaluate(T.ptx["ld.shared.v4.f32"](pf[0], pf[1], pf[2], pf[3],
+                                             ps.ptr_to([(warp * 8 + g) * _TC_P_STRIDE + 4 * t])))
+        T.evaluate(T.call_extern("void", "__syncwarp"))
+        for h in T.unroll(2):
+            # hi = float16(P'), lo = float16(P' - hi): tokens 4t + 2h (low half), 4t + 2h + 1.
+            T.evaluate(T.ptx["cvt.rn.f16x2.f32"](pb[h], pf[2 * h + 1], pf[2 * h]))
+            T.evaluate(T.ptx["cvt.rn.f16x2.f32"](
+                pb[2 + h], pf[2 * h + 1] - T.Cast("float32", T.Cast("float16", pf[2 * h + 1])),
+                pf[2 * h] - T.Cast("float32", T.Cast("float16", pf[2 * h]))))
+        # V codes of tokens (4t, 4t + 1) and (4t + 2, 4t + 3) paired per dim: PRMT puts one
+        # token's bytes in the low halves and the other's in the high halves.
+        for pair in T.unroll(2):
+            for w in T.unroll(VW):
+                for half in T.unroll(2):
+                    both = T.call_pure_extern(
+                        "uint32", "__byte_perm", vw[(stage * 4 + 2 * pair) * VW + w],
+                        vw[(stage * 4 + 2 * pair + 1) * VW + w],
+                        T.uint32(0x5410) + T.Cast("uint32", half) * T.uint32(0x7632 - 0x5410))
+                    base = pair * 8 * VW + 8 * w + 4 * half
+                    for byte in T.unroll(2):
+                        T.evaluate(_codes_f16x2(va[base + 2 * byte], T.shift_right(
+                            both, T.uint32(8 * byte)), False))
+                        T.evaluate(_codes_f16x2(va[base + 2 * byte + 1], T.shift_right(
+                            both, T.uint32(8 * byte)), True))
+        # The page's P'.V in a fresh accumulator, added to the running one with a rounded FFMA
+        # (which also applies the rescale): the tensor cores' float32 accumulation truncates,
+        # an error that would grow with the sequence if every page added into one accumulator.
+        for mt in T.unroll(MT):
+            for c in T.unroll(4):
+                pacc[c] = T.float32(0)
+            for part in T.unroll(2):
+                T.evaluate(T.ptx[_MMA_F16](
+                    pacc[0], pacc[1], pacc[2], pacc[3],
+                    va[mt], va[MT + mt], va[8 * VW + mt], va[8 * VW + MT + mt],
+                    pb[2 * part], pb[2 * part + 1], pacc[0], pacc[1], pacc[2], pacc[3]))
+            for c in T.unroll(4):
+                oacc[4 * mt + c] = oacc[4 * mt + c] * alpha[c % 2] + pacc[c]
+
+    @T.macro
+    def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
+        part_ml = T.decl_buffer((B, HQ, CUDA_DECODE_SPLITS, 2), "float32")
+        part_acc = T.decl_buffer((B, HQ, CUDA_DECODE_SPLITS, D), "float32")
+        with T.launch_thread("blockIdx.x", B * HKV * _decode_splits(B, HKV)) as task:
+            tx = T.launch_thread("threadIdx.x", threads)
+            b = task // (HKV * _decode_splits(B, HKV))
+            hk = task // _decode_splits(B, HKV) % HKV
+            split = task % _decode_splits(B, HKV)
+            warp = tx // _WARP
+            g = tx % _WARP // 4
+            t = tx % 4
+            # One allocation carved into the probability tiles and the merge buffers: as
+            # separate allocations TVM overlays them (it cannot see the asm accesses to the
+            # tiles), and a warp that finishes early would write its state over a tile in use.
+            smem = T.alloc_shared((PS_SIZE + 2 * _TC_WARPS * G + _TC_WARPS * G * D,), "float32")
+            ps = T.decl_buffer((PS_SIZE,), "float32", data=smem.data, scope="shared")
+            ms = T.decl_buffer((_TC_WARPS * G,), "float32", data=smem.data, elem_offset=PS_SIZE,
+                               scope="shared")
+            ls = T.decl_buffer((_TC_WARPS * G,), "float32", data=smem.data,
+                               elem_offset=PS_SIZE + _TC_WARPS * G, scope="shared")
+            accs = T.decl_buffer((_TC_WARPS * G, D), "float32", data=smem.data,
+                                 elem_offset=PS_SIZE + 2 * _TC_WARPS * G, scope="shared")
+            qf = T.alloc_local((PAIRS,), "uint32")
+            qsum = T.alloc_local((2,), "float32")
+            m = T.alloc_local((2,), "float32")
+            l = T.alloc_local((2,), "float32")
+            zacc = T.alloc_local((2,), "float32")
+            oacc = T.alloc_local((4 * MT,), "float32")
+            ka = T.alloc_local((2 * PAIRS,), "uint32")
+            va = T.alloc_local((16 * VW,), "uint32")
+            sacc = T.alloc_local((4,), "float32")
+            pacc = T.alloc_local((4,), "float32")
+            sc = T.alloc_local((4,), "float32")
+            pp = T.alloc_local((4,), "float32")
+            alpha = T.alloc_local((2,), "float32")
+            rowf = T.alloc_local((8,), "float32")
+            pf = T.alloc_local((4,), "float32")
+            pb = T.alloc_local((4,), "uint32")
+            kw = T.alloc_local((DEPTH * 2 * KW,), "uint32")
+            vw = T.alloc_local((DEPTH * 4 * VW,), "uint32")
+            sz = T.alloc_local((DEPTH * 4,), "uint32")
+            num = Indptr[b + 1] - Indptr[b]
+            per = (num + _decode_splits(B, HKV) - 1) // _decode_splits(B, HKV)
+            p0 = split * per
+            p1 = T.min(num, (split + 1) * per)
+            j1 = T.min(p1 * P, (num - 1) * P + LastLen[b])
+            # q of head g as the B fragment, pairs in the order of the K chunk pairs.
+            q_part: T.float32 = T.float32(0)
+            for r in T.unroll(PAIRS):
+                qf[r] = T.uint32(0)
+                if g < G:
+                    d = t * (D // 4) + 8 * (r // 4) + r % 4
+                    qf[r] = T.bitwise_or(_f16_bits(Q[b, hk * G + g, d]), T.shift_left(
+                        _f16_bits(Q[b, hk * G + g, d + 4]), T.uint32(16)))
+                    q_part = q_part + T.Cast("float32", Q[b, hk * G + g, d]) + T.Cast(
+                        "float32", Q[b, hk * G + g, d + 4])
+            q_part = q_part + _shuffle_xor(q_part, 1)
+            q_part = q_part + _shuffle_xor(q_part, 2)
+            for e in T.unroll(2):
+                # sum(q) of head column 2t + e, from the lanes of row group 2t + e.
+                qsum[e] = T.tvm_warp_shuffle(T.uint32(_FULL_MASK), q_part, (2 * t + e) * 4, _WARP, _WARP)
+                m[e] = T.float32(_NEG_BIG)
+                l[e] = T.float32(0)
+                zacc[e] = T.float32(0)
+            for i in T.unroll(4 * MT):
+                oacc[i] = T.float32(0)
+            for stage in T.unroll(DEPTH):
+                load(codes, scale_zero, Indptr, Indices, b, hk, g, t, p0 + warp + stage * _TC_WARPS,
+                     p1, kw, vw, sz, stage)
+            # Warp w takes pages p0 + w, p0 + w + WARPS, ...; step it * DEPTH + stage reads stage
+            # `stage`, then refills it with the page DEPTH steps ahead.
+            steps = T.max(p1 - p0 - warp + _TC_WARPS - 1, 0) // _TC_WARPS
+            for it in range((steps + DEPTH - 1) // DEPTH):
+                for stage in T.unroll(DEPTH):
+                    if it * DEPTH + stage < steps:
+                        page_step(p0 + warp + (it * DEPTH + stage) * _TC_WARPS, j1, g, t, warp, kw,
+                                  vw, sz, stage, qf, qsum, m, l, zacc, oacc, ka, va, sacc, pacc, sc,
+                                  pp, alpha, rowf, pf, pb, ps)
+                        load(codes, scale_zero, Indptr, Indices, b, hk, g, t,
+                             p0 + warp + (it * DEPTH + stage + DEPTH) * _TC_WARPS, p1, kw, vw, sz, stage)
+            # l and the zero term were summed per lane: reduce them over the 8 row lanes.
+            for e in T.unroll(2):
+                for k in T.unroll(3):
+                    l[e] = l[e] + _shuffle_xor(l[e], 4 << k)
+                    zacc[e] = zacc[e] + _shuffle_xor(zacc[e], 4 << k)
+            for e in T.unroll(2):
+                if 2 * t + e < G:
+                    if g == 0:
+                        ms[warp * G + 2 * t + e] = m[e]
+                        ls[warp * G + 2 * t + e] = l[e]
+                    for mt in T.unroll(MT):
+                        for half in T.unroll(2):
+                            accs[warp * G + 2 * t + e, D // 8 * g + MT * half + mt] = (
+                                oacc[4 * mt + 2 * half + e] + zacc[e])
+            T.tvm_storage_sync("shared")
+            merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc)
+        merge_splits(part_ml, part_acc, Out, B)
 
     return body
 
