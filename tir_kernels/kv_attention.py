@@ -1234,9 +1234,19 @@ _TC_WARPS = 4
 #: with GQA 32/8 it was 5% faster.
 _TC_DEPTH_MHA = 1
 _TC_DEPTH_GQA = 2
-#: float16x2 constants of the code conversion: 0x6400 is 1024, whose ulp is 1, so
-#: ``0x6400 | code`` reads as 1024 + code; a code in a byte's high nibble reads as 1024 + 16 code,
-#: and (1024 + 16 code) * (1/16) + (-64) = code, exactly, in one FMA.
+#: Pages past the register stages whose K/V lines a warp asks L2 to fetch (`prefetch.global.L2`):
+#: requests in flight that hold no registers.
+_TC_PREFETCH = 2
+#: K's codes masked into the low bits of a float16 are the subnormals ``code * 2**-24`` (exact, no
+#: offset to subtract); masked in place from a byte's high nibble ``code * 2**-20``. Multiplied by q
+#: (a normal float16) they are exact; the score MMAs' results are scaled back in float32.
+_LOW_NIBBLE_SCALE = float(2**24)
+_HIGH_NIBBLE_SCALE = float(2**20)
+#: V's codes become exact float16 integers instead, because their MMA partner, the low half of
+#: P' = p * scale_v, is often subnormal itself, and products of two subnormals lost accuracy on
+#: the H200 (a decode test failed at 1.07x its tolerance): 0x6400 is 1024, whose ulp is 1, so
+#: ``0x6400 | code`` reads as 1024 + code, and a code in a byte's high nibble as 1024 + 16 code;
+#: (1024 + 16 code) * (1/16) + (-64) = code exactly, in one FMA.
 _F16X2_1024 = 0x64006400
 _F16X2_SIXTEENTH = 0x2C002C00
 _F16X2_MINUS_64 = 0xD400D400
@@ -1252,9 +1262,16 @@ def _uses_tensor_core_decode(kv_bits: int, G: int, P: int) -> bool:
     return kv_bits == 4 and G <= 8 and P == 16
 
 
-def _codes_f16x2(dst, x, high: bool):
+def _codes_subnormal_f16x2(x, high):
+    """The 4-bit codes in bits 0-3 and 16-19 of ``x`` (``high`` = 1: bits 4-7 and 20-23) as a
+    float16 pair, low half first: the subnormals ``code * 2**-24`` (``high``: ``code * 2**-20``),
+    one LOP3."""
+    return T.bitwise_and(x, T.shift_left(T.uint32(0x000F000F), T.Cast("uint32", 4 * high)))
+
+
+def _codes_integer_f16x2(dst, x, high: bool):
     """``dst`` = the 4-bit codes in bits 0-3 and 16-19 of ``x`` (``high``: 4-7 and 20-23) as an
-    exact float16 pair, low half first (one LOP3 and one HSUB2/HFMA2, no conversions)."""
+    exact float16 integer pair, low half first (one LOP3 and one HSUB2/HFMA2)."""
     if high:
         biased = T.bitwise_or(T.bitwise_and(x, T.uint32(0x00F000F0)), T.uint32(_F16X2_1024))
         return T.ptx["fma.rn.f16x2"](dst, biased, T.uint32(_F16X2_SIXTEENTH), T.uint32(_F16X2_MINUS_64))
@@ -1296,6 +1313,8 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     PAIRS = 4 * KW  # float16 pairs of a K chunk; two per k16 step of the score mma
     MT = D // 16  # m16 tiles of the output (its rows are head dims)
     DEPTH = _TC_DEPTH_MHA if G == 1 else _TC_DEPTH_GQA
+    ROW_BYTES = D // 2
+    LINES = P * ROW_BYTES // 128  # 128-byte lines of a page's K (or V) codes of one head
     PS_SIZE = _TC_WARPS * 8 * _TC_P_STRIDE
     sm_scale = float(np.float32(1 / math.sqrt(D)))
     merge_slots = _merge_slots_macro(G, D, _TC_WARPS, threads)
@@ -1320,22 +1339,41 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                 sz[stage * 4 + 2 + r] = SZW[page, 1, hk, g + 8 * r, 0]
 
     @T.macro
+    def prefetch(codes, scale_zero, Indptr, Indices, b, hk, lane, pg, p1):
+        # Page pg's K and V code lines of 128 bytes (lanes 0 .. 2 LINES - 1) and its two rows of
+        # (scale, zero) pairs (the next two lanes) into L2.
+        if pg < p1:
+            page = Indices[Indptr[b] + pg]
+            if lane < 2 * LINES:
+                T.evaluate(T.ptx["prefetch.global.L2"](codes.ptr_to(
+                    [page, lane // LINES, hk, lane % LINES * (128 // ROW_BYTES), 0])))
+            elif lane < 2 * LINES + 2:
+                T.evaluate(T.ptx["prefetch.global.L2"](scale_zero.ptr_to(
+                    [page, lane - 2 * LINES, hk, 0, 0])))
+
+    @T.macro
     def page_step(pg, j1, g, t, warp, kw, vw, sz, stage: int, qf, qsum, m, l, zacc, oacc, ka,
                   va, sacc, pacc, sc, pp, alpha, rowf, pf, pb, ps):
-        # Scores of the page's 16 tokens (rows) for the group's heads (columns 2t, 2t + 1).
+        # Scores of the page's 16 tokens (rows) for the group's heads (columns 2t, 2t + 1): the
+        # low-nibble pairs and the high-nibble pairs in two accumulators (their codes are scaled
+        # by 2**-24 and 2**-20), each word's pairs (0, 2) and (1, 3) in one k16 step.
         for r in T.unroll(2):
             for w in T.unroll(KW):
                 for half in T.unroll(2):
-                    T.evaluate(_codes_f16x2(ka[r * PAIRS + 4 * w + 2 * half], T.shift_right(
-                        kw[(stage * 2 + r) * KW + w], T.uint32(8 * half)), False))
-                    T.evaluate(_codes_f16x2(ka[r * PAIRS + 4 * w + 2 * half + 1], T.shift_right(
-                        kw[(stage * 2 + r) * KW + w], T.uint32(8 * half)), True))
-        for c in T.unroll(4):
+                    for high in T.unroll(2):
+                        ka[r * PAIRS + 4 * w + 2 * half + high] = _codes_subnormal_f16x2(T.shift_right(
+                            kw[(stage * 2 + r) * KW + w], T.uint32(8 * half)), high)
+        for c in T.unroll(8):
             sacc[c] = T.float32(0)
-        for s in T.unroll(PAIRS // 2):
-            T.evaluate(T.ptx[_MMA_F16](
-                sacc[0], sacc[1], sacc[2], sacc[3], ka[2 * s], ka[PAIRS + 2 * s], ka[2 * s + 1],
-                ka[PAIRS + 2 * s + 1], qf[2 * s], qf[2 * s + 1], sacc[0], sacc[1], sacc[2], sacc[3]))
+        for w in T.unroll(KW):
+            for high in T.unroll(2):
+                T.evaluate(T.ptx[_MMA_F16](
+                    sacc[4 * high], sacc[4 * high + 1], sacc[4 * high + 2], sacc[4 * high + 3],
+                    ka[4 * w + high], ka[PAIRS + 4 * w + high], ka[4 * w + 2 + high],
+                    ka[PAIRS + 4 * w + 2 + high], qf[4 * w + high], qf[4 * w + 2 + high],
+                    sacc[4 * high], sacc[4 * high + 1], sacc[4 * high + 2], sacc[4 * high + 3]))
+        for c in T.unroll(4):
+            sacc[c] = sacc[c] * T.float32(_LOW_NIBBLE_SCALE) + sacc[4 + c] * T.float32(_HIGH_NIBBLE_SCALE)
         # Scale and zero of K and V for rows g and g + 8; zeros for rows past j1, whose stale
         # bits may be inf or NaN (then every term of such a row is 0, its score _NEG_BIG).
         for r in T.unroll(2):
@@ -1388,9 +1426,9 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                         T.uint32(0x5410) + T.Cast("uint32", half) * T.uint32(0x7632 - 0x5410))
                     base = pair * 8 * VW + 8 * w + 4 * half
                     for byte in T.unroll(2):
-                        T.evaluate(_codes_f16x2(va[base + 2 * byte], T.shift_right(
+                        T.evaluate(_codes_integer_f16x2(va[base + 2 * byte], T.shift_right(
                             both, T.uint32(8 * byte)), False))
-                        T.evaluate(_codes_f16x2(va[base + 2 * byte + 1], T.shift_right(
+                        T.evaluate(_codes_integer_f16x2(va[base + 2 * byte + 1], T.shift_right(
                             both, T.uint32(8 * byte)), True))
         # The page's P'.V in a fresh accumulator, added to the running one with a rounded FFMA
         # (which also applies the rescale): the tensor cores' float32 accumulation truncates,
@@ -1437,7 +1475,7 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             oacc = T.alloc_local((4 * MT,), "float32")
             ka = T.alloc_local((2 * PAIRS,), "uint32")
             va = T.alloc_local((16 * VW,), "uint32")
-            sacc = T.alloc_local((4,), "float32")
+            sacc = T.alloc_local((8,), "float32")
             pacc = T.alloc_local((4,), "float32")
             sc = T.alloc_local((4,), "float32")
             pp = T.alloc_local((4,), "float32")
@@ -1476,6 +1514,9 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             for stage in T.unroll(DEPTH):
                 load(codes, scale_zero, Indptr, Indices, b, hk, g, t, p0 + warp + stage * _TC_WARPS,
                      p1, kw, vw, sz, stage)
+            for ahead in T.unroll(_TC_PREFETCH):
+                prefetch(codes, scale_zero, Indptr, Indices, b, hk, tx % _WARP,
+                         p0 + warp + (DEPTH + ahead) * _TC_WARPS, p1)
             # Warp w takes pages p0 + w, p0 + w + WARPS, ...; step it * DEPTH + stage reads stage
             # `stage`, then refills it with the page DEPTH steps ahead.
             steps = T.max(p1 - p0 - warp + _TC_WARPS - 1, 0) // _TC_WARPS
@@ -1487,6 +1528,9 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                                   pp, alpha, rowf, pf, pb, ps)
                         load(codes, scale_zero, Indptr, Indices, b, hk, g, t,
                              p0 + warp + (it * DEPTH + stage + DEPTH) * _TC_WARPS, p1, kw, vw, sz, stage)
+                        if _TC_PREFETCH > 0:
+                            prefetch(codes, scale_zero, Indptr, Indices, b, hk, tx % _WARP,
+                                     p0 + warp + (it * DEPTH + stage + DEPTH + _TC_PREFETCH) * _TC_WARPS, p1)
             # l and the zero term were summed per lane: reduce them over the 8 row lanes.
             for e in T.unroll(2):
                 for k in T.unroll(3):
