@@ -1027,13 +1027,14 @@ def _decode_splits(B, HKV: int):
     return T.max(1, T.min(CUDA_DECODE_SPLITS, (_DECODE_BLOCKS + B * HKV - 1) // (B * HKV)))
 
 
-def _merge_slots_macro(G: int, D: int, Z: int, threads: int):
-    """``merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc)``: the Z slots' online
-    softmax states of a cuda decode block (``ms``/``ls [Z * G]``, ``accs [Z * G, D]`` in shared
-    memory, synchronized) merged into the split's partial state of each of the G heads."""
+def _merge_slots_macro(G: int, HKV: int, D: int, Z: int, threads: int):
+    """``merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc, Out, B)``: the Z slots'
+    online softmax states of a cuda decode block (``ms``/``ls [Z * G]``, ``accs [Z * G, D]`` in
+    shared memory, synchronized) merged into the split's partial state of each of the G heads,
+    or, when the sequences are not split, into the output (the bits `merge_splits` would write)."""
 
     @T.macro
-    def merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc):
+    def merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc, Out, B):
         for i in range((G * D + threads - 1) // threads):
             if tx + i * threads < G * D:
                 gg = (tx + i * threads) // D
@@ -1047,33 +1048,42 @@ def _merge_slots_macro(G: int, D: int, Z: int, threads: int):
                     weight: T.float32 = T.exp(ms[zz * G + gg] - m_all)
                     l_all = l_all + ls[zz * G + gg] * weight
                     a_all = a_all + accs[zz * G + gg, d] * weight
-                part_acc[b, hk * G + gg, split, d] = a_all
-                if d == 0:
-                    part_ml[b, hk * G + gg, split, 0] = m_all
-                    part_ml[b, hk * G + gg, split, 1] = l_all
+                if _decode_splits(B, HKV) == 1:
+                    Out[b, hk * G + gg, d] = T.Cast("float16", _fdiv(a_all, l_all))
+                else:
+                    part_acc[b, hk * G + gg, split, d] = a_all
+                    if d == 0:
+                        part_ml[b, hk * G + gg, split, 0] = m_all
+                        part_ml[b, hk * G + gg, split, 1] = l_all
 
     return merge_slots
 
 
 def _merge_splits_macro(HQ: int, HKV: int, D: int):
     """``merge_splits(part_ml, part_acc, Out, B)``: the second kernel of a cuda decode, which
-    merges each (sequence, query head)'s split states and writes the float16 output."""
+    merges each (sequence, query head)'s split states and writes the float16 output; one idle
+    block when the sequences were not split (`merge_slots` wrote the output then)."""
+
+    @T.macro
+    def merge_split_states(part_ml, part_acc, Out, B, bh, d):
+        mb: T.float32 = part_ml[bh // HQ, bh % HQ, 0, 0]
+        for split in range(1, _decode_splits(B, HKV)):
+            mb = T.max(mb, part_ml[bh // HQ, bh % HQ, split, 0])
+        # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - mb) is 0.
+        lb: T.float32 = T.float32(0)
+        o: T.float32 = T.float32(0)
+        for split in range(_decode_splits(B, HKV)):
+            wb: T.float32 = T.exp(part_ml[bh // HQ, bh % HQ, split, 0] - mb)
+            lb = lb + part_ml[bh // HQ, bh % HQ, split, 1] * wb
+            o = o + part_acc[bh // HQ, bh % HQ, split, d] * wb
+        Out[bh // HQ, bh % HQ, d] = T.Cast("float16", _fdiv(o, lb))
 
     @T.macro
     def merge_splits(part_ml, part_acc, Out, B):
-        with T.launch_thread("blockIdx.x", B * HQ) as bh:
+        with T.launch_thread("blockIdx.x", T.if_then_else(_decode_splits(B, HKV) > 1, B * HQ, 1)) as bh:
             d = T.launch_thread("threadIdx.x", D)
-            mb: T.float32 = part_ml[bh // HQ, bh % HQ, 0, 0]
-            for split in range(1, _decode_splits(B, HKV)):
-                mb = T.max(mb, part_ml[bh // HQ, bh % HQ, split, 0])
-            # An empty split has m = _NEG_BIG, l = 0, acc = 0, so its weight e^(m - mb) is 0.
-            lb: T.float32 = T.float32(0)
-            o: T.float32 = T.float32(0)
-            for split in range(_decode_splits(B, HKV)):
-                wb: T.float32 = T.exp(part_ml[bh // HQ, bh % HQ, split, 0] - mb)
-                lb = lb + part_ml[bh // HQ, bh % HQ, split, 1] * wb
-                o = o + part_acc[bh // HQ, bh % HQ, split, d] * wb
-            Out[bh // HQ, bh % HQ, d] = T.Cast("float16", _fdiv(o, lb))
+            if _decode_splits(B, HKV) > 1:
+                merge_split_states(part_ml, part_acc, Out, B, bh, d)
 
     return merge_splits
 
@@ -1098,7 +1108,7 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
     DEPTH = _decode_depth(kv_bits, G)
     sm_scale = float(np.float32(1 / math.sqrt(D)))
     quantized = kv_bits != 16
-    merge_slots = _merge_slots_macro(G, D, Z, threads)
+    merge_slots = _merge_slots_macro(G, HKV, D, Z, threads)
     merge_splits = _merge_splits_macro(HQ, HKV, D)
 
     @T.macro
@@ -1219,7 +1229,7 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
                 for e in T.unroll(E):
                     accs[z * G + g, x * E + e] = acc[g * E + e] + zacc[g]
             T.tvm_storage_sync("shared")
-            merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc)
+            merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc, Out, B)
         merge_splits(part_ml, part_acc, Out, B)
 
     return body
@@ -1314,10 +1324,13 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     MT = D // 16  # m16 tiles of the output (its rows are head dims)
     DEPTH = _TC_DEPTH_MHA if G == 1 else _TC_DEPTH_GQA
     ROW_BYTES = D // 2
+    # Head columns of a lane's C fragments that hold a query head: without GQA only column 0 of
+    # lanes t = 0 does, so the softmax and the output skip the lanes' second column.
+    NCOL = 1 if G == 1 else 2
     LINES = P * ROW_BYTES // 128  # 128-byte lines of a page's K (or V) codes of one head
     PS_SIZE = _TC_WARPS * 8 * _TC_P_STRIDE
     sm_scale = float(np.float32(1 / math.sqrt(D)))
-    merge_slots = _merge_slots_macro(G, D, _TC_WARPS, threads)
+    merge_slots = _merge_slots_macro(G, HKV, D, _TC_WARPS, threads)
     merge_splits = _merge_splits_macro(HQ, HKV, D)
 
     @T.macro
@@ -1383,28 +1396,30 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             rowf[6 + r] = _zero(sz, stage * 4 + 2 + r)
             for i in T.unroll(4):
                 rowf[2 * i + r] = T.Select(pg * P + g + 8 * r < j1, rowf[2 * i + r], T.float32(0))
-        for c in T.unroll(4):
-            sc[c] = T.Select(pg * P + g + 8 * (c // 2) < j1, (
-                sacc[c] * rowf[c // 2] + qsum[c % 2] * rowf[2 + c // 2]) * T.float32(sm_scale),
-                T.float32(_NEG_BIG))
+        # Score c = 2 r + e is row g + 8 r, head column 2 t + e (C fragment order).
+        for r in T.unroll(2):
+            for e in T.unroll(NCOL):
+                sc[2 * r + e] = T.Select(pg * P + g + 8 * r < j1, (
+                    sacc[2 * r + e] * rowf[r] + qsum[e] * rowf[2 + r]) * T.float32(sm_scale),
+                    T.float32(_NEG_BIG))
         # Online softmax per head column: the page max over the 8 row lanes, then rescale.
-        for e in T.unroll(2):
+        for e in T.unroll(NCOL):
             page_max: T.float32 = T.max(sc[e], sc[2 + e])
             for k in T.unroll(3):
                 page_max = T.max(page_max, _shuffle_xor(page_max, 4 << k))
             m_new: T.float32 = T.max(m[e], page_max)
             alpha[e] = T.exp(m[e] - m_new)
             m[e] = m_new
-        for c in T.unroll(4):
-            pp[c] = T.exp(sc[c] - m[c % 2])
-        for e in T.unroll(2):
+            for r in T.unroll(2):
+                pp[2 * r + e] = T.exp(sc[2 * r + e] - m[e])
             l[e] = l[e] * alpha[e] + pp[e] + pp[2 + e]
             zacc[e] = zacc[e] * alpha[e] + pp[e] * rowf[6] + pp[2 + e] * rowf[7]
         # P' = p * scale_v from the score layout into the output's B layout, through shared memory.
-        for c in T.unroll(4):
-            T.evaluate(T.ptx["st.shared.f32"](
-                ps.ptr_to([(warp * 8 + 2 * t + c % 2) * _TC_P_STRIDE + g + 8 * (c // 2)]),
-                pp[c] * rowf[4 + c // 2]))
+        for r in T.unroll(2):
+            for e in T.unroll(NCOL):
+                T.evaluate(T.ptx["st.shared.f32"](
+                    ps.ptr_to([(warp * 8 + 2 * t + e) * _TC_P_STRIDE + g + 8 * r]),
+                    pp[2 * r + e] * rowf[4 + r]))
         T.evaluate(T.call_extern("void", "__syncwarp"))
         T.evaluate(T.ptx["ld.shared.v4.f32"](pf[0], pf[1], pf[2], pf[3],
                                              ps.ptr_to([(warp * 8 + g) * _TC_P_STRIDE + 4 * t])))
@@ -1441,8 +1456,9 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                     pacc[0], pacc[1], pacc[2], pacc[3],
                     va[mt], va[MT + mt], va[8 * VW + mt], va[8 * VW + MT + mt],
                     pb[2 * part], pb[2 * part + 1], pacc[0], pacc[1], pacc[2], pacc[3]))
-            for c in T.unroll(4):
-                oacc[4 * mt + c] = oacc[4 * mt + c] * alpha[c % 2] + pacc[c]
+            for r in T.unroll(2):
+                for e in T.unroll(NCOL):
+                    oacc[4 * mt + 2 * r + e] = oacc[4 * mt + 2 * r + e] * alpha[e] + pacc[2 * r + e]
 
     @T.macro
     def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
@@ -1532,11 +1548,11 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                             prefetch(codes, scale_zero, Indptr, Indices, b, hk, tx % _WARP,
                                      p0 + warp + (it * DEPTH + stage + DEPTH + _TC_PREFETCH) * _TC_WARPS, p1)
             # l and the zero term were summed per lane: reduce them over the 8 row lanes.
-            for e in T.unroll(2):
+            for e in T.unroll(NCOL):
                 for k in T.unroll(3):
                     l[e] = l[e] + _shuffle_xor(l[e], 4 << k)
                     zacc[e] = zacc[e] + _shuffle_xor(zacc[e], 4 << k)
-            for e in T.unroll(2):
+            for e in T.unroll(NCOL):
                 if 2 * t + e < G:
                     if g == 0:
                         ms[warp * G + 2 * t + e] = m[e]
@@ -1546,7 +1562,7 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                             accs[warp * G + 2 * t + e, D // 8 * g + MT * half + mt] = (
                                 oacc[4 * mt + 2 * half + e] + zacc[e])
             T.tvm_storage_sync("shared")
-            merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc)
+            merge_slots(ms, ls, accs, tx, b, hk, split, part_ml, part_acc, Out, B)
         merge_splits(part_ml, part_acc, Out, B)
 
     return body
