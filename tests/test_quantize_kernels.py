@@ -242,6 +242,25 @@ def test_silu_ref_has_no_nan_at_the_fp16_extremes():
     np.testing.assert_array_equal(y[0, :2], [0, 65504])
 
 
+def test_int4_code_bound_covers_subnormal_scales(rng):
+    """The CUDA kernels round INT4 codes as 16-bit integers before clamping them; `_int4_code_bound`
+    must bound |value * recip| for every group absmax, float16-subnormal scales included (where
+    rounding the scale loses up to a third of it), and stay far below 2**15 at real clips."""
+    for clip in (0.9, 0.5, 0.01):
+        c4 = np.float32(clip / 7)
+        # absmax * c4 from 0.5 to 64 float16 subnormal steps, and a spread of normal values.
+        amax = np.concatenate([np.linspace(0.5, 64, 20000) * 2.0**-24 / c4,
+                               np.exp(rng.uniform(-20, 10, 20000))]).astype(np.float32)
+        scale = (amax * c4).astype(np.float16).astype(np.float32)
+        ok = scale > 0
+        recip = np.float32(1) / scale[ok]
+        worst = np.max(amax[ok] * recip)
+        assert worst <= qk._int4_code_bound(clip), (clip, worst)
+    assert qk._int4_code_bound(0.9) < 12
+    with pytest.raises(UserError, match="clip ratio 0.0001"):
+        qk.reorder_quantize(4096, 128, 128, 1e-4, "cuda")
+
+
 def test_generators_refuse_bad_shapes():
     with pytest.raises(UserError, match="multiple of group size"):
         qk.reorder_quantize(4096, 128, 100, CLIP)
@@ -336,6 +355,25 @@ def _gpu_arch() -> str:
     major, minor = tvm.cuda(0).compute_version.split(".")
     arch = f"sm_{major}{minor}"
     return "sm_90a" if arch == "sm_90" else arch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ("rmsnorm", "reorder"))
+def test_gpu_capped_grid_walks_every_tile(kind, rng):
+    """Enough rows that every block of a capped grid (`_MAX_BLOCKS`) quantizes several tiles:
+    bit-exact against the reference, so no tile is skipped, repeated or restaged too early."""
+    k, group_size, n_outliers = 4096, 128, 128
+    cap = qk._MAX_BLOCKS[kind]
+    if cap is None:
+        pytest.skip(f"the {kind} kernel runs one block per tile")
+    slots = qk.word_slots(kind, k)
+    tile_rows = slots - 1 if kind == "rmsnorm" else slots  # RMSNorm's last slot carries w
+    rows = 3 * tile_rows * cap + 5
+    inputs = make_inputs(kind, rows, k, group_size, rng)
+    func, args, ref, values = kernel_and_ref(kind, k, group_size, n_outliers, "cuda", inputs)
+    exe = qk.build(func, "cuda", (_gpu_arch(),))
+    got = run(exe, func, args, rows, k, group_size, n_outliers, tvm.cuda(0))
+    check(kind, got, ref, values, group_size, n_outliers, f"rows={rows}")
 
 
 @pytest.mark.gpu

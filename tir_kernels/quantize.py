@@ -41,7 +41,10 @@ Numerics (what the ``*_ref`` functions beside the kernels compute, operation by 
   `reorder_quantize` has no transcendental and matches exactly.
 * Scales: ``r = 1 / float32(scale)`` correctly rounded (``__frcp_rn`` on CUDA, see above).
 * Codes: ``clamp(rint(y * r))`` as formats defines them, computed as ``bits(clamp(y * r) +
-  1.5 * 2**23)`` (see `_code`): exact, and cheaper on a GPU than a round and a conversion.
+  1.5 * 2**23)`` (see `_code`): exact, and cheaper on a GPU than a round and a conversion. The
+  CUDA kernels' INT4 codes round first (``bits(y * r + 1.5 * 2**23)``, the product kept out of
+  an FMA) and clamp the rounded integers two at a time as 16-bit lanes (`_int4_nibbles`), the
+  same codes: clamping commutes with rounding to integers.
 * ``--use_fast_math`` also flushes float32 subnormals to zero; no value these kernels compute
   from float16 data is subnormal except a SiLU output below 1e-38, whose code is 0 either way.
 
@@ -54,11 +57,12 @@ store of packed INT4), so an INT4 group of 64 / 128 channels is 8 / 16 consecuti
 warp and its absmax is a 3 / 4-step XOR shuffle; the outlier block's absmax and the RMSNorm sum
 of squares are block reductions (warp shuffles, then the warp results through shared memory).
 SiLU-mul: one block of 256 threads per row, straight from global memory. The two reordering
-kernels: one block of 128 threads (the LANES of the sum) per R rows, R = 2 for reorder and 3
-for RMSNorm (1 above 6144 channels; `word_slots`). The block stages its rows in shared memory
-interleaved, one word per channel holding that channel of every row (and of the RMSNorm
-weight), so that one gather through the reorder index serves all R rows; see
-`_cuda_reorder_kernel` for why, and `swizzled_word` for the bank layout.
+kernels: blocks of 128 threads (the LANES of the sum), each quantizing tiles of R rows, R = 2
+for reorder and 3 for RMSNorm (1 above 6144 channels; `word_slots`); reorder's grid is capped
+at one wave of blocks, which stride over the tiles (`_MAX_BLOCKS`). The block stages a tile in
+shared memory interleaved, one word per channel holding that channel of every row (and of the
+RMSNorm weight), so that one gather through the reorder index serves all R rows; see
+`_cuda_reorder_kernel` for why, and `swizzled_word` for RMSNorm's bank layout.
 """
 
 from __future__ import annotations
@@ -113,6 +117,13 @@ _STAGE_BYTES = 48 * 1024
 #: ... down to 2, which may use up to this much (dynamic shared memory, which TVM's runtime grants
 #: beyond the 48 KiB default; within the 99 KiB a block may have on sm_86/sm_89).
 _MAX_STAGE_BYTES = 96 * 1024
+#: Grid size cap of the reordering CUDA kernels (None: one block per tile of rows); the blocks of
+#: a capped grid walk the tiles with a stride of the grid size. Reorder: 10 blocks per SM of the
+#: H200's 132, one wave of what its registers allow (48 per thread in the tile loop), measured
+#: faster than one block per tile at 8192 and 16384 rows (docs/bench/quantize_kernels.md).
+#: RMSNorm: none; in the tile loop nvcc keeps the index in registers (109 per thread, 4 blocks
+#: per SM instead of 7). On other GPUs the cap only changes the schedule, not the result.
+_MAX_BLOCKS = {"reorder": 10 * 132, "rmsnorm": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +257,7 @@ class _Spec:
         if kind == "rmsnorm" and not eps > 0.0:
             raise UserError(f"RMSNorm eps must be positive, got {eps}")
         self.kind = kind
+        self.clip = clip
         self.k = k
         self.group_size = group_size
         self.n_outliers = n_outliers
@@ -352,19 +364,46 @@ def _byte_perm(x, y, selector: int):
     return T.call_pure_extern("uint32", "__byte_perm", x, y, T.uint32(selector))
 
 
-def _nibbles(codes):
-    """Pack 8 INT4 codes (`_code` words, the code in the low byte) into a uint32, code 2j in the
-    low nibble of byte j: the low bytes of the even and of the odd codes gathered by byte
-    permutes (3 each), then one shift and one masked merge; half the bit operations of
-    shifting and or-ing each code into place."""
-    def low_bytes(a, b, c, d):  # bytes (a, b, c, d) <- low bytes of the four words
-        return _byte_perm(_byte_perm(a, b, 0x0040), _byte_perm(c, d, 0x0040), 0x5410)
+def _rounded_bits(value, recip):
+    """uint32 ``bits(value * recip + 1.5 * 2**23)``: as in `_code`, rint(value * recip) sits in
+    the low bits, here not clamped. The product is ``__fmul_rn``, which nvcc never contracts with
+    the addition into one FFMA (that would round once, not as the reference does)."""
+    product = T.call_pure_extern("float32", "__fmul_rn", value, recip)
+    return T.reinterpret("uint32", product + T.float32(_ROUND_MAGIC))
 
-    words = [T.reinterpret("uint32", c) for c in codes]
-    even = low_bytes(*words[0::2])
-    odd = low_bytes(*words[1::2])
+
+def _clamp_s16x2(word, lo: int, hi: int):
+    """Both signed 16-bit halves of ``word`` clamped to [lo, hi]: two VIMNMX.S16x2 (sm_90)."""
+    def splat(v):
+        return T.uint32((v & 0xFFFF) * 0x10001)
+
+    return T.call_pure_extern("uint32", "__vmins2",
+                              T.call_pure_extern("uint32", "__vmaxs2", word, splat(lo)), splat(hi))
+
+
+def _int4_nibbles(bits):
+    """Pack 8 INT4 codes from their unclamped `_rounded_bits` words into a uint32, code 2j in the
+    low nibble of byte j.
+
+    The low 16 bits of ``bits(t + 1.5 * 2**23)`` are rint(t) as a signed 16-bit integer (|t| <
+    2**15, which `_int4_code_bound` checks), so the codes pair up into 16-bit lanes (one PRMT per
+    two), are clamped two at a time in the integer domain, and the even and odd codes' low bytes
+    gather into one word each (one PRMT each): per 8 codes 8 VIMNMX, 6 PRMT, a shift and a merge,
+    where clamping floats costs 16 FMNMX and packing the clamped codes 9 more operations."""
+    def clamped_pair(a, b):  # rint of a in the low 16 bits, of b in the high 16
+        return _clamp_s16x2(_byte_perm(a, b, 0x5410), *_INT4)
+
+    even = _byte_perm(clamped_pair(bits[0], bits[2]), clamped_pair(bits[4], bits[6]), 0x6420)
+    odd = _byte_perm(clamped_pair(bits[1], bits[3]), clamped_pair(bits[5], bits[7]), 0x6420)
     return T.bitwise_or(T.bitwise_and(even, T.uint32(0x0F0F0F0F)),
                         T.bitwise_and(T.shift_left(odd, T.uint32(4)), T.uint32(0xF0F0F0F0)))
+
+
+def _int4_code_bound(clip: float) -> float:
+    """Largest |value * recip| an INT4 code of the CUDA kernels can see: ``absmax / scale``, where
+    float16 rounding of ``absmax * clip / 7`` costs at most half a float16 subnormal step, so at
+    most 1.5 times 7 / clip (a scale of 1.5 steps rounded down to 1)."""
+    return 1.5 * _INT4[1] / clip * (1 + 2.0**-10)
 
 
 def _silu(g):
@@ -521,7 +560,7 @@ def _shuffle_xor(value, lane_mask):
 def _packed_codes(vals, base, recip):
     """The 8 INT4 codes of ``vals[base:base + 8]`` packed into one uint32 (little endian: byte j
     = codes 2j, 2j+1), i.e. exactly 4 bytes of the q4 row."""
-    return _nibbles([_code(vals[base + e], recip, *_INT4) for e in range(VEC)])
+    return _int4_nibbles([_rounded_bits(vals[base + e], recip) for e in range(VEC)])
 
 
 def _half(word, which):
@@ -563,28 +602,74 @@ def _block_reduce(v, rows, part, tx, warps, combine):
     _warp_reduce(v, rows, warps, combine)
 
 
+def _max_u16x2(a, b):
+    return T.call_pure_extern("uint32", "__vmaxu2", a, b)
+
+
+def _magnitudes(word):
+    """Both float16 of a uint32 with the sign bits cleared: as unsigned 16-bit integers they
+    order as the magnitudes do (float16 bit patterns of non-negative values are monotonic)."""
+    return T.bitwise_and(word, T.uint32(0x7FFF7FFF))
+
+
 @T.macro
-def _quantize_chunks(vals, rows, chunk, chunk_valid, row0, M, Q4w, S4, group_lanes, c4):
-    # One lane's 8 INT4 channels of each of `rows` rows (vals[r * 8 + e]): group absmax over the
-    # group's lanes, scale, 4 bytes of codes. Each step runs for all rows before the next, in
-    # straight-line code, so the rows' latency chains overlap. Every lane takes part in the
-    # shuffles; only lanes with a valid chunk and row store.
-    amax = T.alloc_local((rows,), "float32")
-    scale = T.alloc_local((rows,), "float16")
-    recip = T.alloc_local((rows,), "float32")
+def _float_group_absmax(vals, amax, rows, group_lanes):
+    # amax[r]: the absmax of vals[r * 8 : r * 8 + 8] over the group's lanes.
     for r in T.unroll(rows):
         amax[r] = T.float32(0)
         for e in T.unroll(VEC):
             amax[r] = T.max(amax[r], T.abs(vals[r * VEC + e]))
     _warp_reduce(amax, rows, group_lanes, T.max)
+
+
+@T.macro
+def _paired_group_absmax(words, amax, group_lanes):
+    # amax[0], amax[1]: the group absmax of two rows whose float16 values come paired, row 0 in
+    # the low half of each of the 8 words. The magnitudes' maximum is taken on both rows at once
+    # in the integer domain (VIMNMX3.U16x2 takes three words, VIMNMX.U16x2 two, and one shuffle
+    # carries both rows): 4 + 4 operations for the 16 values, where floats take 16 FMNMX and
+    # 8 shuffles with 8 more.
+    key = T.alloc_local((1,), "uint32")
+    key[0] = _magnitudes(words[0])
+    for e in T.unroll(1, VEC - 1, step=2):
+        key[0] = T.call_pure_extern("uint32", "__vimax3_u16x2", key[0], _magnitudes(words[e]),
+                                    _magnitudes(words[e + 1]))
+    key[0] = _max_u16x2(key[0], _magnitudes(words[VEC - 1]))
+    _warp_reduce(key, 1, group_lanes, _max_u16x2)
+    amax[0] = _half(key[0], 0)
+    amax[1] = _half(key[0], 1)
+
+
+@T.macro
+def _quantize_chunks(vals, amax, rows, chunk, chunk_valid, row0, M, Q4w, S4, group_lanes, c4,
+                     hoist_codes):
+    # One lane's 8 INT4 channels of each of `rows` rows (vals[r * 8 + e]), amax[r] their group's
+    # absmax: scale, 4 bytes of codes. Each step runs for all rows before the next, in
+    # straight-line code, so the rows' latency chains overlap. Only lanes with a valid chunk
+    # and row store. With `hoist_codes` every lane computes its codes before the stores, which
+    # are then predicated rather than branched around, and every lane of a group stores the
+    # group's (identical) scale, one address per group; that is faster for the reordering
+    # kernels, while SiLU-mul, which holds its whole row share in registers, would lose a
+    # block per SM to the registers it costs (docs/bench/quantize_kernels.md).
+    scale = T.alloc_local((rows,), "float16")
+    recip = T.alloc_local((rows,), "float32")
     for r in T.unroll(rows):
         scale[r] = _scale(amax[r], c4)
         recip[r] = _reciprocal_or_zero(scale[r], _cuda_reciprocal)
-    for r in T.unroll(rows):
-        if T.And(chunk_valid, row0 + r < M):
-            Q4w[row0 + r, chunk] = _packed_codes(vals, r * VEC, recip[r])
-            if chunk % group_lanes == 0:
+    if hoist_codes:
+        packed = T.alloc_local((rows,), "uint32")
+        for r in T.unroll(rows):
+            packed[r] = _packed_codes(vals, r * VEC, recip[r])
+        for r in T.unroll(rows):
+            if T.And(chunk_valid, row0 + r < M):
+                Q4w[row0 + r, chunk] = packed[r]
                 S4[row0 + r, chunk // group_lanes] = scale[r]
+    else:
+        for r in T.unroll(rows):
+            if T.And(chunk_valid, row0 + r < M):
+                Q4w[row0 + r, chunk] = _packed_codes(vals, r * VEC, recip[r])
+                if chunk % group_lanes == 0:
+                    S4[row0 + r, chunk // group_lanes] = scale[r]
 
 
 @T.macro
@@ -612,6 +697,9 @@ def _quantize_outliers(ov, rows, row0, M, tx, threads, o_steps, Q8, S8, part, n_
 
 
 def _cuda_kernel(spec: _Spec) -> tirx.PrimFunc:
+    if _int4_code_bound(spec.clip) >= 2**15:
+        raise UserError(f"clip ratio {spec.clip} is too small for the CUDA kernels (their INT4 codes "
+                        f"are rounded as 16-bit integers): use a clip ratio of at least 0.001")
     if spec.kind == "silu":
         return _cuda_silu_kernel(spec)
     return _cuda_reorder_kernel(spec)
@@ -651,14 +739,19 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
     channel i holds ``slots`` float16 values, x[i] of the R rows (and w[i] for RMSNorm), so one
     4-byte (8-byte) gather fetches channel i of every row: ~3.5 (~6.2) wavefronts per warp-wide
     gather for 2 rows (3 rows and w) instead of 3.5 per row (and 3.5 more for w). The reorder
-    index is read once per block, not per row. Staging stores are 16-byte pieces in the
-    conflict-free order of `swizzled_word`.
+    index is read once per tile, not per row. Staging stores are 16-byte pieces: RMSNorm's lanes
+    stage 8-channel chunks (its sum of squares runs in that order), in the conflict-free order
+    of `swizzled_word`; reorder's lanes stage 4-channel pieces, conflict-free in channel order,
+    so its gathers need no swizzle arithmetic. Reorder's two rows share each gathered word
+    through the group absmax too (`_paired_group_absmax`).
 
     On the H200 the gathers were not what bounds these kernels (Nsight Compute, 4 rows per
     block: 58% issue slots, 58% ALU pipe, 66% L1, 45% DRAM, 6 warps per scheduler): they are
     latency-bound, so ``_SLOTS`` trades rows per block against blocks per SM, and the per-chunk
     code is straight-line with each step done for all R rows before the next, so the rows'
-    dependency chains (shuffles, reciprocal, codes) overlap.
+    dependency chains (shuffles, reciprocal, codes) overlap. Cutting a fifth of the reorder
+    kernel's instructions gained little for that reason; a grid capped at one wave of blocks
+    (`_MAX_BLOCKS`), each walking several tiles, gained more.
     """
     K, N, O, G = spec.k, spec.normal, spec.n_outliers, spec.group_size
     rms = spec.kind == "rmsnorm"
@@ -680,11 +773,16 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             return x
         return (x * rs[r]) * _half(gw[e * wu + R // 2], R % 2)
 
+    def staged_word(i):
+        """Shared-memory word of channel i: swizzled for RMSNorm's 8-channel staging stores,
+        in channel order for reorder's 4-channel ones (see `stage_reorder`)."""
+        return swizzled_word(i, slots) if rms else i
+
     @T.macro
-    def stage(X, W, xs, row0, M, tx, sumsq):
+    def stage_rms(X, W, xs, row0, M, tx, sumsq):
         # All 16-byte loads of the block's rows first (rows past M re-read row M - 1; nothing
-        # of theirs is stored), then the interleaved words to shared memory; RMSNorm sums the
-        # squares of each row in the lane order of the module docstring.
+        # of theirs is stored), then the interleaved words to shared memory, and the sums of
+        # squares of each row in the lane order of the module docstring (8-channel chunks).
         xv = T.alloc_local((in_steps * slots * VEC,), "float16")
         for step in T.unroll(in_steps):
             if tx + step * LANES < chunks:
@@ -692,9 +790,8 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
                     for e in T.vectorized(VEC):
                         xv[(step * slots + r) * VEC + e] = X[
                             T.min(row0 + r, M - 1), (tx + step * LANES) * VEC + e]
-                if W is not None:
-                    for e in T.vectorized(VEC):
-                        xv[(step * slots + R) * VEC + e] = W[(tx + step * LANES) * VEC + e]
+                for e in T.vectorized(VEC):
+                    xv[(step * slots + R) * VEC + e] = W[(tx + step * LANES) * VEC + e]
         for step in T.unroll(in_steps):
             if tx + step * LANES < chunks:
                 words = T.alloc_local((VEC * wu,), "uint32")
@@ -706,11 +803,34 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
                     first = swizzled_word((tx + step * LANES) * VEC + p * (VEC // slots), slots)
                     for u in T.vectorized(4):
                         xs[first * wu + u] = words[p * 4 + u]
-                if W is not None:
-                    for r in T.unroll(R):
-                        for e in T.unroll(VEC):
-                            x = T.Cast("float32", xv[(step * slots + r) * VEC + e])
-                            sumsq[r] = sumsq[r] + x * x
+                for r in T.unroll(R):
+                    for e in T.unroll(VEC):
+                        x = T.Cast("float32", xv[(step * slots + r) * VEC + e])
+                        sumsq[r] = sumsq[r] + x * x
+
+    # reorder: a lane loads 4 channels (8 bytes) of each of the 2 rows and stores their 4 words
+    # as one 16-byte piece, lanes in channel order: conflict-free without a swizzle, so the
+    # gathers read word ``index[j]`` as it is.
+    piece = 16 // (2 * slots)  # channels per 16-byte piece of staged words
+    pieces = K // piece
+    piece_steps = -(-pieces // LANES)
+
+    @T.macro
+    def stage_reorder(X, xs, row0, M, tx):
+        xv = T.alloc_local((piece_steps * R * piece,), "float16")
+        for step in T.unroll(piece_steps):
+            if tx + step * LANES < pieces:
+                for r in T.unroll(R):
+                    for e in T.vectorized(piece):
+                        xv[(step * R + r) * piece + e] = X[
+                            T.min(row0 + r, M - 1), (tx + step * LANES) * piece + e]
+        for step in T.unroll(piece_steps):
+            if tx + step * LANES < pieces:
+                words = T.alloc_local((piece,), "uint32")
+                for e in T.unroll(piece):
+                    words[e] = _pair(xv[step * R * piece + e], xv[(step * R + 1) * piece + e])
+                for e in T.vectorized(piece):
+                    xs[(tx + step * LANES) * piece + e] = words[e]
 
     @T.macro
     def quantize_rows(xs, Idx, rs, row0, M, tx, Q4w, S4, Q8, S8, part_max):
@@ -724,13 +844,14 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
                 if tx + step * LANES < O:
                     ids[0] = Idx[N + tx + step * LANES]
                     for u in T.vectorized(wu):
-                        gw[u] = xs[swizzled_word(ids[0], slots) * wu + u]
+                        gw[u] = xs[staged_word(ids[0]) * wu + u]
                 for r in T.unroll(R):
                     ov[step * R + r] = value(gw, 0, r, rs)
             _quantize_outliers(ov, R, row0, M, tx, LANES, o_steps, Q8, S8, part_max, O, c8)
         elif tx < R and row0 + tx < M:
             S8[row0 + tx, 0] = T.float16(0)
         vals = T.alloc_local((R * VEC,), "float32")
+        amax = T.alloc_local((R,), "float32")
         for step in T.unroll(q_steps):
             for i in T.unroll(VEC * wu):
                 gw[i] = T.uint32(0)  # lanes past the INT4 part quantize zeros
@@ -739,14 +860,40 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
                     ids[e] = Idx[(tx + step * LANES) * VEC + e]
                 for e in T.unroll(VEC):
                     for u in T.vectorized(wu):
-                        gw[e * wu + u] = xs[swizzled_word(ids[e], slots) * wu + u]
+                        gw[e * wu + u] = xs[staged_word(ids[e]) * wu + u]
             for r in T.unroll(R):
                 for e in T.unroll(VEC):
                     vals[r * VEC + e] = value(gw, e, r, rs)
-            _quantize_chunks(vals, R, tx + step * LANES, tx + step * LANES < q_chunks, row0, M,
-                             Q4w, S4, group_lanes, c4)
+            if rms:
+                _float_group_absmax(vals, amax, R, group_lanes)
+            else:
+                _paired_group_absmax(gw, amax, group_lanes)
+            _quantize_chunks(vals, amax, R, tx + step * LANES, tx + step * LANES < q_chunks,
+                             row0, M, Q4w, S4, group_lanes, c4, True)
+
+    cap = _MAX_BLOCKS[spec.kind]
+
+    def tiles(M):
+        return (M + R - 1) // R
+
+    def blocks(M):
+        """Grid size: one block per tile, at most `cap` (inlined: a bound variable would be
+        undefined on the host)."""
+        return T.min(tiles(M), cap)
 
     if rms:
+
+        @T.macro
+        def tile(X, W, Idx, Q4w, S4, Q8, S8, xs, part_sum, part_max, row0, M, tx):
+            sumsq = T.alloc_local((R,), "float32")
+            for r in T.unroll(R):
+                sumsq[r] = T.float32(0)
+            stage_rms(X, W, xs, row0, M, tx, sumsq)
+            _block_reduce(sumsq, R, part_sum, tx, _WARPS, _add)  # its barrier also publishes xs
+            rs = T.alloc_local((R,), "float32")
+            for r in T.unroll(R):
+                rs[r] = _cuda_rms_reciprocal(sumsq[r], K, eps)
+            quantize_rows(xs, Idx, rs, row0, M, tx, Q4w, S4, Q8, S8, part_max)
 
         @T.prim_func
         def cuda(x_h: T.handle, w_h: T.handle, idx_h: T.handle, q4_h: T.handle, s4_h: T.handle,
@@ -761,22 +908,31 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             Q8 = T.match_buffer(q8_h, (M, O), "int8")
             S8 = T.match_buffer(s8_h, (M, 1), "float16")
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
-            block = T.launch_thread("blockIdx.x", (M + R - 1) // R)
-            tx = T.launch_thread("threadIdx.x", LANES)
-            xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
-            part_sum = T.alloc_shared((R * _WARPS,), "float32")
-            part_max = T.alloc_shared((R * _WARPS,), "float32")
-            sumsq = T.alloc_local((R,), "float32")
-            for r in T.unroll(R):
-                sumsq[r] = T.float32(0)
-            stage(X, W, xs, block * R, M, tx, sumsq)
-            _block_reduce(sumsq, R, part_sum, tx, _WARPS, _add)  # its barrier also publishes xs
-            rs = T.alloc_local((R,), "float32")
-            for r in T.unroll(R):
-                rs[r] = _cuda_rms_reciprocal(sumsq[r], K, eps)
-            quantize_rows(xs, Idx, rs, block * R, M, tx, Q4w, S4, Q8, S8, part_max)
+            if cap is None:
+                block = T.launch_thread("blockIdx.x", tiles(M))
+                tx = T.launch_thread("threadIdx.x", LANES)
+                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+                part_sum = T.alloc_shared((R * _WARPS,), "float32")
+                part_max = T.alloc_shared((R * _WARPS,), "float32")
+                tile(X, W, Idx, Q4w, S4, Q8, S8, xs, part_sum, part_max, block * R, M, tx)
+            else:
+                block = T.launch_thread("blockIdx.x", blocks(M))
+                tx = T.launch_thread("threadIdx.x", LANES)
+                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+                part_sum = T.alloc_shared((R * _WARPS,), "float32")
+                part_max = T.alloc_shared((R * _WARPS,), "float32")
+                for it in T.serial((tiles(M) - block + blocks(M) - 1) // blocks(M)):
+                    tile(X, W, Idx, Q4w, S4, Q8, S8, xs, part_sum, part_max,
+                         (block + it * blocks(M)) * R, M, tx)
+                    T.tvm_storage_sync("shared")  # the next tile restages xs
 
     else:
+
+        @T.macro
+        def tile(X, Idx, Q4w, S4, Q8, S8, xs, part_max, row0, M, tx):
+            stage_reorder(X, xs, row0, M, tx)
+            T.tvm_storage_sync("shared")
+            quantize_rows(xs, Idx, None, row0, M, tx, Q4w, S4, Q8, S8, part_max)
 
         @T.prim_func
         def cuda(x_h: T.handle, idx_h: T.handle, q4_h: T.handle, s4_h: T.handle, q8_h: T.handle,
@@ -790,13 +946,20 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             Q8 = T.match_buffer(q8_h, (M, O), "int8")
             S8 = T.match_buffer(s8_h, (M, 1), "float16")
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
-            block = T.launch_thread("blockIdx.x", (M + R - 1) // R)
-            tx = T.launch_thread("threadIdx.x", LANES)
-            xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
-            part_max = T.alloc_shared((R * _WARPS,), "float32")
-            stage(X, None, xs, block * R, M, tx, None)
-            T.tvm_storage_sync("shared")
-            quantize_rows(xs, Idx, None, block * R, M, tx, Q4w, S4, Q8, S8, part_max)
+            if cap is None:
+                block = T.launch_thread("blockIdx.x", tiles(M))
+                tx = T.launch_thread("threadIdx.x", LANES)
+                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+                part_max = T.alloc_shared((R * _WARPS,), "float32")
+                tile(X, Idx, Q4w, S4, Q8, S8, xs, part_max, block * R, M, tx)
+            else:
+                block = T.launch_thread("blockIdx.x", blocks(M))
+                tx = T.launch_thread("threadIdx.x", LANES)
+                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+                part_max = T.alloc_shared((R * _WARPS,), "float32")
+                for it in T.serial((tiles(M) - block + blocks(M) - 1) // blocks(M)):
+                    tile(X, Idx, Q4w, S4, Q8, S8, xs, part_max, (block + it * blocks(M)) * R, M, tx)
+                    T.tvm_storage_sync("shared")  # the next tile restages xs
 
     return cuda
 
@@ -851,7 +1014,9 @@ def _cuda_silu_kernel(spec: _Spec) -> tirx.PrimFunc:
                 for e in T.unroll(VEC):
                     vals[e] = _silu_fast_div(T.Cast("float32", gv[step * VEC + e])) * T.Cast(
                         "float32", uv[step * VEC + e])
-            _quantize_chunks(vals, 1, tx + step * threads, tx + step * threads < q_chunks, row, M,
-                             Q4w, S4, group_lanes, c4)
+            amax = T.alloc_local((1,), "float32")
+            _float_group_absmax(vals, amax, 1, group_lanes)
+            _quantize_chunks(vals, amax, 1, tx + step * threads, tx + step * threads < q_chunks,
+                             row, M, Q4w, S4, group_lanes, c4, False)
 
     return cuda
