@@ -705,145 +705,158 @@ def kernel_name(cfg, residual: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decode: the K-split GEMV
+# Decode: the register-streaming GEMV
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    """The decode kernel: ``block_n`` columns per block, K split over ``k_warps`` warps that each
-    keep a ``stages``-deep copy ring of their own (see `w4a4_gemv_prim_func`)."""
+    """The decode kernel: blocks of 16 output columns whose ``k_warps`` warps split K, each taking
+    ``unroll`` pieces per round (see `w4a4_gemv_prim_func`)."""
 
     name: str
-    block_n: int
     k_warps: int
-    stages: int
+    unroll: int
 
     @property
     def threads(self) -> int:
         return 32 * self.k_warps
 
+    @property
+    def round_pieces(self) -> int:
+        """Pieces a block takes per round (per barrier)."""
+        return self.k_warps * self.unroll
 
-#: 16 columns (N/16 blocks: 256-688 on the benchmark shapes, several per SM), 4 warps with 4
-#: stages of one piece each: 43 KiB of shared memory at G = 128, under the 48 KiB static limit.
-GEMV = GemvConfig("gemv", 16, 4, 4)
+
+#: Output columns of a gemv block: the 16 rows of mma.sync's A operand.
+GEMV_BLOCK_N = 16
+#: Row stride (int32 words) of a piece's published 16 x 16 sums: 20 makes the lanes' stores of a
+#: C fragment (rows 2t, 2t+1 (+8), columns g (+8)) hit 32 distinct banks.
+GEMV_SUM_STRIDE = 20
+GEMV = GemvConfig("gemv", 8, 2)
 
 
 def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV) -> tvm.tirx.PrimFunc:
-    """The W4A4 GEMM for a 16-row tile (decode), with K split across the warps of a block.
+    """The W4A4 GEMM for M <= 16 (decode): weights streamed from global memory into registers.
 
-    The tiled kernel walks K once per block, one barrier per group, and at M <= 16 a block has
-    too little work between barriers to keep HBM busy. Here K is cut into *pieces* of one group's
-    bytes (G/2 per row: an INT4 group, or G/2 INT8 outlier channels, O being a multiple of G/2)
-    and warp w of a block takes pieces w, w + k_warps, ... of the block's 16 rows x block_n
-    columns, each through its own cp.async ring (wait + __syncwarp, no block barrier), ldmatrix
-    and mma.sync s8 as in the tiled kernel. A piece's integer sums are exact whoever computes
-    them, so the float order survives the split: after each round of k_warps pieces, the warps
-    put their int32 sums and float scales in a double-buffered shared array, one block barrier,
-    and every thread advances the float chain of its own output elements over that round's
-    pieces in piece order: ``acc += f32(isum) * (s_a * s_w)`` per INT4 group (FMA-contracted as
-    in the tiled kernel, so the fused reference holds bit for bit), the outlier pieces' sums
-    added as integers and closed once at the end. The double buffer makes one barrier per round
-    enough: a buffer is rewritten two rounds later, after every thread has passed the barrier
-    that follows its last read.
+    At M <= 16 the cost is the weight bytes, so the kernel is built around keeping many of them
+    in flight, with no shared-memory staging of W at all. K is cut into *pieces* of one group's
+    bytes (G/2 per row: an INT4 group, or G/2 INT8 outlier channels, O being a multiple of G/2).
+    A block owns 16 output columns; its warps take the pieces in rounds of ``k_warps x unroll``
+    (piece ``round * k_warps * unroll + u * k_warps + warp``), and each warp loads round r+1's
+    pieces into a second register set before it computes round r's, so a warp has ``unroll``
+    pieces (``unroll`` KiB of weights at G = 128) in flight through the compute and the barrier.
+
+    The weights are mma.sync's A operand (16 rows = the block's columns n) and the activation its
+    B operand (8 columns = 8 rows m; a second mma for rows 8..15 when M > 8), so ``C[n, m]``.
+    m16n8k32 s8 wants lane (g, t) (g = lane/4, t = lane%4) to hold k-slots 4t..4t+3 and
+    16+4t..16+4t+3 of A rows g and g+8 and of B column g. Lane (g, t) loads with one 16-byte
+    ``ld.global.nc`` (8 at G = 64) the bytes t*G/8 .. (t+1)*G/8 of the piece in W rows g and
+    g+8 and in activation rows g and g+8; each packed word gives one mma: its low nibbles
+    (times 16, as in the tiled kernel) for slots 4t.., its high nibbles for 16+4t... W and the
+    activation put the same channel in the same slot, so the dot product is the group's, in a
+    permuted order, which integers do not mind. An INT8 outlier piece takes two words per mma
+    unwidened.
+
+    The float order is the reference's: after each round the warps publish their pieces' int32
+    sums (16 x 16 per piece) and float scales to a double-buffered shared array, one barrier,
+    and every thread advances the float chain of its output elements over the round's pieces in
+    piece order, ``acc += f32(isum) * (s_a * s_w)`` per INT4 group (FMA-contracted as in the
+    tiled kernel, so the fused reference holds bit for bit), outlier pieces' sums added as
+    integers and closed once at the end. A buffer is rewritten two rounds later, after every
+    thread has passed the barrier that follows its last read, so one barrier per round is enough.
+    Activation rows past M are read as row M - 1 (no branch): they only reach outputs that are
+    not stored.
     """
     check_cuda_shape(shape)
     N, O, G = shape.N, shape.O, shape.G
-    BN, KW, S, THREADS = cfg.block_n, cfg.k_warps, cfg.stages, cfg.threads
-    NI = BN // 8
-    if BN % 16 or 64 % BN or (16 * BN) % THREADS:
-        raise ValueError(f"gemv block_n {BN} must be 16, 32 or 64 and fit {THREADS} threads")
-    ROWS = 16 + BN  # rows of a staged piece: the 16 A rows, then the block's BN W rows
+    KW, U, THREADS, PR = cfg.k_warps, cfg.unroll, cfg.threads, cfg.round_pieces
+    BN, SS = GEMV_BLOCK_N, GEMV_SUM_STRIDE
+    if 16 * BN % THREADS or PR > 16:
+        raise ValueError(f"gemv config {cfg}: at most 8 warps and 16 pieces per round")
     PIECE = G // 2  # bytes per row of one piece
-    PIECE_STEPS = PIECE // STEP_BYTES
+    LANE_BYTES = PIECE // 4  # bytes per row a lane loads: 16 (G = 128) or 8 (G = 64)
+    WORDS = LANE_BYTES // 4
     GROUPS = shape.groups
     GROUPS_DIV = max(GROUPS, 1)  # a divisor only; K == O has no INT4 groups
     PIECES = GROUPS + O // PIECE
-    ROUNDS = -(-PIECES // KW)
-    CHUNKS = ROWS * PIECE // 16
-    CHUNK_ROUNDS = -(-CHUNKS // 32)
-    SCALE_ROUNDS = -(-ROWS // 32)
-    STAGE = PIECE_STEPS * ROWS * STEP_BYTES
+    ROUNDS = -(-PIECES // PR)
     ELEMS = 16 * BN // THREADS
+    REG_SET = U * 4 * WORDS  # per register set: U pieces x (W rows g, g+8, A rows g, g+8) x WORDS
     INT4_SCALE = 1.0 / WIDEN_FACTOR
+    load = T.ptx[f"ld.global.nc.L1::no_allocate.v{WORDS}.u32"]
+    load_act = T.ptx[f"ld.global.nc.v{WORDS}.u32"]
 
     @T.macro
-    def copy_chunk(dst, q4, q8, row, piece, byte):
-        """cp.async 16 bytes at `byte` of `row`'s bytes of `piece`."""
+    def load_rows(regs, at, ld, q4, q8, row, piece, byte):
+        """``WORDS`` words at ``byte`` of ``row``'s bytes of ``piece`` into ``regs[at:]``."""
         if piece < GROUPS:
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, q4.ptr_to([row, piece * PIECE + byte]), 16))
+            T.evaluate(ld(*[regs[at + w] for w in range(WORDS)], q4.ptr_to([row, piece * PIECE + byte])))
         else:
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, q8.ptr_to([row, (piece - GROUPS) * PIECE + byte]), 16))
+            T.evaluate(ld(*[regs[at + w] for w in range(WORDS)],
+                          q8.ptr_to([row, (piece - GROUPS) * PIECE + byte])))
 
     @T.macro
-    def copy_piece(piece, slot, warp, lane, m0, n0, M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, tile, words):
-        """One warp's copies of `piece` into its ring slot `slot`: bytes (32-byte steps, each a
-        swizzled tile as in the tiled kernel) and the aligned word of each row's scale. A rows
-        past M are not copied; they only reach outputs that are never stored."""
-        base = (warp * S + slot) * STAGE
-        for r in T.unroll(CHUNK_ROUNDS):
-            c = lane + r * 32
-            if c < CHUNKS:
-                row = c // (PIECE // 16)
-                byte = c % (PIECE // 16) * 16
-                dst = tile.ptr_to([base + byte // STEP_BYTES * ROWS * STEP_BYTES
-                                   + _swizzle(row, byte % STEP_BYTES // 16)])
-                if row < 16:
-                    if m0 + row < M:
-                        copy_chunk(dst, A4, A8, m0 + row, piece, byte)
-                else:
-                    copy_chunk(dst, W4, W8, n0 + row - 16, piece, byte)
-        for r in T.unroll(SCALE_ROUNDS):
-            i = lane + r * 32
-            dst = words.ptr_to([(warp * S + slot) * ROWS + i])
-            if i < 16:
-                if m0 + i < M:
-                    _copy_scale_word(dst, AS4, AS8, piece < GROUPS, piece, m0 + i, GROUPS_DIV)
-            elif i < ROWS:
-                _copy_scale_word(dst, WS4, WS8, piece < GROUPS, piece, n0 + i - 16, GROUPS_DIV)
-
-    @T.macro
-    def piece_sums(piece, slot, warp, lane, tile, frag_a, frag_w, wide_a, wide_w, isum):
-        """The 16 x BN int32 sums of `piece` (INT4 widened to s8, as in the tiled kernel)."""
-        for i in T.unroll(NI * 4):
-            isum[i] = 0
-        for st in T.unroll(PIECE_STEPS):
-            base = ((warp * S + slot) * PIECE_STEPS + st) * ROWS * STEP_BYTES
-            T.evaluate(_ldmatrix(frag_a, 0, 4, tile, base + _swizzle(lane % 16, lane // 16)))
-            for p in T.unroll(NI // 2):
-                row = 16 + (2 * p + lane // 16) * 8 + lane % 8
-                T.evaluate(_ldmatrix(frag_w, p * 4, 4, tile, base + _swizzle(row, lane // 8 % 2)))
+    def load_piece(piece, at, lane, n0, m0, M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, regs, sreg, s_at):
+        """One lane's bytes of `piece` (W rows g, g+8, then activation rows g, g+8) and one
+        raw fp16 scale (lanes 0-15: column lane's; 16-31: activation row lane - 16's)."""
+        g = lane // 4
+        byte = lane % 4 * LANE_BYTES
+        for h in T.unroll(2):
+            load_rows(regs, at + h * WORDS, load, W4, W8, n0 + g + 8 * h, piece, byte)
+        for h in T.unroll(2):
+            load_rows(regs, at + (2 + h) * WORDS, load_act, A4, A8, T.min(m0 + g + 8 * h, M - 1), piece, byte)
+        if lane < 16:
             if piece < GROUPS:
-                for h in T.unroll(2):
-                    for e in T.unroll(2):
-                        wide_a[e] = _lo_nibbles(frag_a[2 * h + e])
-                        wide_a[2 + e] = _hi_nibbles(frag_a[2 * h + e])
-                    for ni in T.unroll(NI):
-                        wide_w[ni * 2] = _lo_nibbles(frag_w[ni * 2 + h])
-                        wide_w[ni * 2 + 1] = _hi_nibbles(frag_w[ni * 2 + h])
-                    for ni in T.unroll(NI):
-                        T.evaluate(_mma("m16n8k32", "int8", wide_a, 0, wide_w, ni * 2, isum, ni * 4))
+                sreg[s_at] = WS4[n0 + lane, piece]
             else:
-                for ni in T.unroll(NI):
-                    T.evaluate(_mma("m16n8k32", "int8", frag_a, 0, frag_w, ni * 2, isum, ni * 4))
+                sreg[s_at] = WS8[n0 + lane, 0]
+        else:
+            row = T.min(m0 + lane - 16, M - 1)
+            if piece < GROUPS:
+                sreg[s_at] = AS4[row, piece]
+            else:
+                sreg[s_at] = AS8[row, 0]
 
     @T.macro
-    def publish(piece, slot, buf, warp, lane, m0, n0, words, isum, sums, scales):
-        """This warp's sums and float scales of `piece` into round buffer `buf`."""
-        for ni, e in T.grid(NI, 4):
-            row = lane // 4 + e // 2 * 8
-            col = ni * 8 + lane % 4 * 2 + e % 2
-            sums[((buf * KW + warp) * 16 + row) * BN + col] = isum[ni * 4 + e]
-        for r in T.unroll(SCALE_ROUNDS):
-            i = lane + r * 32
-            word = words[(warp * S + slot) * ROWS + i]
-            if i < 16:
-                value = _staged_scale(word, _scale_index(piece < GROUPS, piece, m0 + i, GROUPS_DIV))
-                # The widened INT4 sums are 256 times too large (module docstring).
-                scales[(buf * KW + warp) * ROWS + i] = T.Select(piece < GROUPS, value * T.float32(INT4_SCALE), value)
-            elif i < ROWS:
-                index = _scale_index(piece < GROUPS, piece, n0 + i - 16, GROUPS_DIV)
-                scales[(buf * KW + warp) * ROWS + i] = _staged_scale(word, index)
+    def piece_sums(piece, at, M, regs, wide_a, wide_b, csum):
+        """``C[n, m]`` of `piece`: csum[4h .. 4h+3] for activation rows 8h .. 8h+7."""
+        for i in T.unroll(8):
+            csum[i] = 0
+        if piece < GROUPS:
+            for w in T.unroll(WORDS):
+                wide_a[0] = _lo_nibbles(regs[at + w])
+                wide_a[1] = _lo_nibbles(regs[at + WORDS + w])
+                wide_a[2] = _hi_nibbles(regs[at + w])
+                wide_a[3] = _hi_nibbles(regs[at + WORDS + w])
+                for h in T.unroll(2):
+                    if T.Or(h == 0, M > 8):
+                        wide_b[2 * h] = _lo_nibbles(regs[at + (2 + h) * WORDS + w])
+                        wide_b[2 * h + 1] = _hi_nibbles(regs[at + (2 + h) * WORDS + w])
+                        T.evaluate(_mma("m16n8k32", "int8", wide_a, 0, wide_b, 2 * h, csum, 4 * h))
+        else:
+            for w in T.unroll(WORDS // 2):
+                wide_a[0] = regs[at + 2 * w]
+                wide_a[1] = regs[at + WORDS + 2 * w]
+                wide_a[2] = regs[at + 2 * w + 1]
+                wide_a[3] = regs[at + WORDS + 2 * w + 1]
+                for h in T.unroll(2):
+                    if T.Or(h == 0, M > 8):
+                        wide_b[2 * h] = regs[at + (2 + h) * WORDS + 2 * w]
+                        wide_b[2 * h + 1] = regs[at + (2 + h) * WORDS + 2 * w + 1]
+                        T.evaluate(_mma("m16n8k32", "int8", wide_a, 0, wide_b, 2 * h, csum, 4 * h))
+
+    @T.macro
+    def publish(piece, slot, lane, raw_scale, csum, sums, scales):
+        """`piece`'s sums and float scale into round-buffer slot `slot`."""
+        g = lane // 4
+        t = lane % 4
+        for h, e in T.grid(2, 4):
+            sums[(slot * 16 + 8 * h + 2 * t + e % 2) * SS + g + 8 * (e // 2)] = csum[4 * h + e]
+        value = T.Cast("float32", raw_scale)
+        # The widened INT4 sums are 256 times too large (module docstring): the activation scale
+        # takes the factor out.
+        scales[slot * 32 + lane] = T.Select(T.And(lane >= 16, piece < GROUPS), value * T.float32(INT4_SCALE), value)
 
     @T.macro
     def body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
@@ -856,15 +869,13 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
         bx = T.launch_thread("blockIdx.x", N // BN)
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, 16))
         tx = T.launch_thread("threadIdx.x", THREADS)
-        tile = T.alloc_buffer((KW * S * STAGE,), "uint8", scope="shared")
-        words = T.alloc_buffer((KW * S * ROWS,), "uint32", scope="shared")
-        sums = T.alloc_buffer((2 * KW * 16 * BN,), "int32", scope="shared")
-        scales = T.alloc_buffer((2 * KW * ROWS,), "float32", scope="shared")
-        frag_a = T.alloc_buffer((4,), "uint32", scope="local")
-        frag_w = T.alloc_buffer((NI * 2,), "uint32", scope="local")
+        sums = T.alloc_buffer((2 * PR * 16 * SS,), "int32", scope="shared")
+        scales = T.alloc_buffer((2 * PR * 32,), "float32", scope="shared")
+        regs = T.alloc_buffer((2 * REG_SET,), "uint32", scope="local")
+        sreg = T.alloc_buffer((2 * U,), "float16", scope="local")
         wide_a = T.alloc_buffer((4,), "uint32", scope="local")
-        wide_w = T.alloc_buffer((NI * 2,), "uint32", scope="local")
-        isum = T.alloc_buffer((NI * 4,), "int32", scope="local")
+        wide_b = T.alloc_buffer((4,), "uint32", scope="local")
+        csum = T.alloc_buffer((8,), "int32", scope="local")
         acc = T.alloc_buffer((ELEMS,), "float32", scope="local")
         osum = T.alloc_buffer((ELEMS,), "int32", scope="local")
         oscale = T.alloc_buffer((ELEMS,), "float32", scope="local")
@@ -873,49 +884,50 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
         n0 = bx * BN
         warp = tx // 32
         lane = tx % 32
-        operands = (m0, n0, M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, tile, words)
+        operands = (lane, n0, m0, M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, regs, sreg)
 
         for j in T.unroll(ELEMS):
             acc[j] = T.float32(0)
             osum[j] = 0
             oscale[j] = T.float32(0)
-        for r in T.unroll(S - 1):
-            if r * KW + warp < PIECES:
-                copy_piece(r * KW + warp, r, warp, lane, *operands)
-            T.evaluate(T.ptx["cp.async.commit_group"]())
+        for u in T.unroll(U):
+            if u * KW + warp < PIECES:
+                load_piece(u * KW + warp, u * 4 * WORDS, *operands, u)
 
-        for r in T.serial(ROUNDS):
-            piece = r * KW + warp
-            T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
-            T.evaluate(T.call_extern("void", "__syncwarp"))
-            if piece < PIECES:
-                piece_sums(piece, r % S, warp, lane, tile, frag_a, frag_w, wide_a, wide_w, isum)
-                publish(piece, r % S, r % 2, warp, lane, m0, n0, words, isum, sums, scales)
-            # Refill the slot of the round before (free since the __syncwarp) after this round's
-            # reads, so that TVM's shared-memory sync pass sees the barrier below between the
-            # copies and their next reader and adds no barrier of its own.
-            if (r + S - 1) * KW + warp < PIECES:
-                copy_piece((r + S - 1) * KW + warp, (r + S - 1) % S, warp, lane, *operands)
-            T.evaluate(T.ptx["cp.async.commit_group"]())
-            T.tvm_storage_sync("shared")
-            # The float chain, in piece order, of this thread's output elements.
-            for j in T.unroll(ELEMS):
-                row = (tx + j * THREADS) // BN
-                col = (tx + j * THREADS) % BN
-                for q in T.unroll(KW):
-                    if r * KW + q < PIECES:
-                        base = (r % 2 * KW + q)
-                        x = sums[(base * 16 + row) * BN + col]
-                        s = scales[base * ROWS + row] * scales[base * ROWS + 16 + col]
-                        if r * KW + q < GROUPS:
-                            acc[j] = acc[j] + T.Cast("float32", x) * s
-                        else:
-                            osum[j] = osum[j] + x
-                            oscale[j] = s
+        for pair in T.serial(-(-ROUNDS // 2)):
+            for par in T.unroll(2):
+                r = pair * 2 + par
+                if r < ROUNDS:
+                    # Next round's bytes into the other register set, before this round's use.
+                    for u in T.unroll(U):
+                        if (r + 1) * PR + u * KW + warp < PIECES:
+                            load_piece((r + 1) * PR + u * KW + warp, (1 - par) * REG_SET + u * 4 * WORDS,
+                                       *operands, (1 - par) * U + u)
+                    for u in T.unroll(U):
+                        piece = r * PR + u * KW + warp
+                        if piece < PIECES:
+                            piece_sums(piece, par * REG_SET + u * 4 * WORDS, M, regs, wide_a, wide_b, csum)
+                            publish(piece, par * PR + u * KW + warp, lane, sreg[par * U + u], csum, sums, scales)
+                    T.tvm_storage_sync("shared")
+                    # The float chain, in piece order, of this thread's output elements.
+                    for j in T.unroll(ELEMS):
+                        col = (tx + j * THREADS) % BN
+                        row = (tx + j * THREADS) // BN
+                        if m0 + row < M:
+                            for q in T.unroll(PR):
+                                if r * PR + q < PIECES:
+                                    slot = par * PR + q
+                                    x = sums[(slot * 16 + row) * SS + col]
+                                    s = scales[slot * 32 + 16 + row] * scales[slot * 32 + col]
+                                    if r * PR + q < GROUPS:
+                                        acc[j] = acc[j] + T.Cast("float32", x) * s
+                                    else:
+                                        osum[j] = osum[j] + x
+                                        oscale[j] = s
 
         for j in T.unroll(ELEMS):
-            row = (tx + j * THREADS) // BN
             col = (tx + j * THREADS) % BN
+            row = (tx + j * THREADS) // BN
             if O > 0:
                 acc[j] = acc[j] + T.Cast("float32", osum[j]) * oscale[j]
             if m0 + row < M:
