@@ -79,9 +79,11 @@ pages up to its causal limit.
 `decode` of INT4 pages of 16 tokens with groups of up to 8 query heads runs on fp16 tensor cores
 (`_decode_tensor_core_body` has the fragment layout): per page a warp computes the 16 tokens'
 scores and their P.V contribution as ``mma.sync m16n8k16`` with the 4-bit codes as exact float16
-operands (one LOP3 and one HSUB2/HFMA2 per two codes), ``P' = p * scale_v`` split into float16
-hi + lo halves (about 22 bits), each page's P.V accumulated afresh and added with a rounded
-FFMA; four warps per (sequence, KV head, split) block merge like the slots below. Every other
+operands (K's as subnormals, one LOP3 per two codes; V's as integers, one LOP3 and one
+HSUB2/HFMA2), ``P' = p * scale_v`` split into float16 hi + lo halves (about 22 bits), each page's
+P.V accumulated afresh and added with a rounded FFMA, the pages two steps ahead prefetched into
+L2; four warps per (sequence, KV head, split) block merge like the slots below and write an
+unsplit batch's output themselves. Every other
 `decode` (INT8, FP16, larger groups, other page sizes):
 one block per (sequence, KV head, split), the sequence's pages cut into up to
 `CUDA_DECODE_SPLITS` ranges only while the batch leaves the GPU short of blocks, so a page of
@@ -1305,8 +1307,10 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
 
     Per page a warp runs ``S^T = K_codes . Q^T`` and ``O^T += V_codes^T . P'^T`` as
     ``mma.sync m16n8k16`` (float32 accumulate), the 16 tokens of the page on M (scores) or K
-    (output), the query heads of the group on N: the codes 0..15 are exact float16 operands, so
-    the only rounding the tensor cores add is that of ``P' = p * scale_v``, which is split
+    (output), the query heads of the group on N: the codes are exact float16 operands (K's the
+    subnormals ``code * 2**-24`` and ``* 2**-20`` by nibble, accumulated apart and scaled back in
+    float32; V's the integers 0..15), so the only rounding the tensor cores add is that of
+    ``P' = p * scale_v``, which is split
     into two float16 terms (hi + lo, about 22 bits) fed to two mmas. As in the CUDA-core
     kernel, ``score = (scale_k * (q . code) + zero_k * sum(q)) / sqrt(D)`` and the output is
     ``sum(p * scale_v * code) + sum(p * zero_v)``, then ``/ l``.
@@ -1314,8 +1318,9 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     Fragment layout (lane = 4 g + t): the contraction axes may be permuted freely, so each lane
     loads whole chunks. Scores: lane (g, t) holds bytes ``16 t ..`` (D = 128; ``D / 8 * t`` in
     general) of tokens g and g + 8 as the A operand; pair ``r`` of its chunk is the dims
-    ``8 (r // 4) + r % 4 + {0, 4}`` of the chunk (one LOP3 picks both nibbles), and q's B
-    fragment is packed in the same order once. Output: lane (g, t) holds dims ``D / 8 * g ..``
+    ``8 (r // 4) + r % 4 + {0, 4}`` of the chunk (one LOP3 picks both nibbles), a word's pairs
+    (0, 2) going to the low-nibble MMA and (1, 3) to the high-nibble one, and q's B fragment is
+    packed in the same order once. Output: lane (g, t) holds dims ``D / 8 * g ..``
     (8 bytes at D = 128) of tokens ``4 t .. 4 t + 3`` (one PRMT pairs two tokens' bytes); M row
     g of tile ``mt`` is its dim ``mt``, row g + 8 its dim ``D / 16 + mt``. The probabilities
     leave the score layout (tokens on rows) through a padded shared tile per warp into the
