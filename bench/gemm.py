@@ -2,6 +2,7 @@
 
     python bench/gemm.py --json docs/bench/gemm_h200.json --png docs/bench/gemm_h200.png
     python bench/gemm.py --plot docs/bench/gemm_h200.json --png docs/bench/gemm_h200.png
+    python bench/gemm.py --rows 1,16 --merge docs/bench/gemm_h200.json --json ... --png ...
 
 The first form needs a GPU, torch and TVM with its compiler; the second only matplotlib (the PNG
 can be drawn wherever matplotlib is). Kernel times are GPU time from the CUDA profiler, summed
@@ -50,11 +51,16 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="only draw --png from this earlier --json")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--probe", action="store_true", help="also time the dense tilings of PROBE_CONFIGS")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="the values of M to time")
+    parser.add_argument("--merge", type=Path,
+                        help="an earlier --json whose rows of the other M are kept (marked with its file name)")
     args = parser.parse_args()
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.png)
         return
-    result = measure(args.iters, args.probe)
+    result = measure(args.iters, args.probe, tuple(int(m) for m in args.rows.split(",")))
+    if args.merge:
+        result = merge(json.loads(args.merge.read_text()), result, args.merge.name)
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +69,16 @@ def main() -> None:
         plot(result, args.png)
 
 
-def measure(iters: int, probe: bool = False) -> dict:
+def merge(earlier: dict, result: dict, source: str) -> dict:
+    """``result`` plus the rows of ``earlier`` at the M it did not time, each marked ``from``."""
+    timed = {r["M"] for r in result["rows"]}
+    kept = [{**r, "from": r.get("from", source)} for r in earlier["rows"] if r["M"] not in timed]
+    order = {label: i for i, (label, _, _) in enumerate(SHAPES)}
+    rows = sorted(result["rows"] + kept, key=lambda r: (order[r["shape"]], r["M"]))
+    return {**result, "rows": rows, "probes": result["probes"] or earlier.get("probes", [])}
+
+
+def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
     import torch
     import tvm
 
@@ -92,7 +107,7 @@ def measure(iters: int, probe: bool = False) -> dict:
         sw = torch.rand(N, 1, device="cuda", dtype=torch.float16) * 0.001
         tvm_fp16_w = [tvm.runtime.from_dlpack(t) for t in fp16_w]
         tvm_int8_w = [tvm.runtime.from_dlpack(t) for t in int8_w]
-        for M in ROWS:
+        for M in ms:
             act = _w4a4_activation(torch, M, K)
             y = torch.empty(M, N, device="cuda", dtype=torch.float16)
             tvm_act = [tvm.runtime.from_dlpack(t) for t in act]

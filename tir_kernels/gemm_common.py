@@ -733,6 +733,9 @@ GEMV_BLOCK_N = 16
 #: Row stride (int32 words) of a piece's published 16 x 16 sums: 20 makes the lanes' stores of a
 #: C fragment (rows 2t, 2t+1 (+8), columns g (+8)) hit 32 distinct banks.
 GEMV_SUM_STRIDE = 20
+#: 8 warps x 2 pieces per round (16 pieces, 40 KiB of round buffers; 120 registers, so two blocks
+#: of 256 threads per SM): on the H200 the best of 4x4, 8x2, 4x2, 8x1 at M = 1 and 16, and of the
+#: deeper register rings tried after it (docs/bench/gemm.md).
 GEMV = GemvConfig("gemv", 8, 2)
 
 
