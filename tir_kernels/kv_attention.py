@@ -121,6 +121,7 @@ from tvm.script import tirx as T
 
 from atom_tvm.errors import UserError
 from atom_tvm.quantization.formats import dequantize_kv_asym, quantize_kv_asym
+from tir_kernels.quantize import _byte_perm, _pair
 
 __all__ = [
     "VARIANTS",
@@ -873,8 +874,7 @@ def _chunk_value(kv_bits: int, words, e: int, base: int = 0):
     byte = (e % per_word) // (8 // kv_bits)
     if kv_bits == 4:
         word = T.bitwise_and(T.shift_right(word, T.uint32(4 * (e % 2))), T.uint32(0x0F0F0F0F))
-    bits = T.call_pure_extern("uint32", "__byte_perm", word, T.uint32(0x4B000000),
-                              T.uint32(0x7540 | byte))
+    bits = _byte_perm(word, T.uint32(0x4B000000), 0x7540 | byte)
     return T.reinterpret("float32", bits) - T.float32(2.0**23)
 
 
@@ -1298,10 +1298,6 @@ def _codes_integer_f16x2(dst, x, high: bool):
     return T.ptx["sub.f16x2"](dst, biased, T.uint32(_F16X2_1024))
 
 
-def _f16_bits(x):
-    return T.Cast("uint32", T.reinterpret("uint16", x))
-
-
 def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     """The cuda decode over INT4 pages on fp16 tensor cores (`_uses_tensor_core_decode` shapes).
 
@@ -1447,10 +1443,9 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
         for pair in T.unroll(2):
             for w in T.unroll(VW):
                 for half in T.unroll(2):
-                    both = T.call_pure_extern(
-                        "uint32", "__byte_perm", vw[(stage * 4 + 2 * pair) * VW + w],
-                        vw[(stage * 4 + 2 * pair + 1) * VW + w],
-                        T.uint32(0x5410) + T.Cast("uint32", half) * T.uint32(0x7632 - 0x5410))
+                    both = _byte_perm(vw[(stage * 4 + 2 * pair) * VW + w],
+                                      vw[(stage * 4 + 2 * pair + 1) * VW + w],
+                                      0x5410 + half * (0x7632 - 0x5410))
                     base = pair * 8 * VW + 8 * w + 4 * half
                     for byte in T.unroll(2):
                         T.evaluate(_codes_integer_f16x2(va[base + 2 * byte], T.shift_right(
@@ -1525,8 +1520,7 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                 qf[r] = T.uint32(0)
                 if g < G:
                     d = t * (D // 4) + 8 * (r // 4) + r % 4
-                    qf[r] = T.bitwise_or(_f16_bits(Q[b, hk * G + g, d]), T.shift_left(
-                        _f16_bits(Q[b, hk * G + g, d + 4]), T.uint32(16)))
+                    qf[r] = _pair(Q[b, hk * G + g, d], Q[b, hk * G + g, d + 4])
                     q_part = q_part + T.Cast("float32", Q[b, hk * G + g, d]) + T.Cast(
                         "float32", Q[b, hk * G + g, d + 4])
             q_part = q_part + _shuffle_xor(q_part, 1)
