@@ -781,7 +781,6 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
     LANE_BYTES = PIECE // 4  # bytes per row a lane loads: 16 (G = 128) or 8 (G = 64)
     WORDS = LANE_BYTES // 4
     GROUPS = shape.groups
-    GROUPS_DIV = max(GROUPS, 1)  # a divisor only; K == O has no INT4 groups
     PIECES = GROUPS + O // PIECE
     ROUNDS = -(-PIECES // PR)
     ELEMS = 16 * BN // THREADS
