@@ -113,22 +113,26 @@ def build(out: Path) -> None:
 
 def _pools(torch, manifest: dict, hq: int, hkv: int, num_pages: int) -> dict:
     """Random page buffers of ``num_pages`` pages for each KV width (one layer)."""
-    pools = {}
-    for bits in KV_BITS:
-        tensors = []
-        for shape, dtype in manifest["page_shapes"][_key("pages", hq, hkv, bits)]:
-            shape = (shape[0], num_pages, *shape[2:])
-            if dtype == "uint8":
-                tensors.append(torch.randint(0, 256, shape, device="cuda", dtype=torch.uint8))
-            elif bits == 16:
-                tensors.append(torch.randn(shape, device="cuda", dtype=torch.float16))
-            else:  # (scale, zero) pairs of rows within about [-1, 1]
-                pair = torch.empty(shape, device="cuda", dtype=torch.float16)
-                pair[..., 0].uniform_(0.001, 0.13)
-                pair[..., 1].uniform_(-1, 0)
-                tensors.append(pair)
-        pools[bits] = tensors
-    return pools
+    return {bits: page_pool(torch, manifest["page_shapes"][_key("pages", hq, hkv, bits)], bits, num_pages)
+            for bits in KV_BITS}
+
+
+def page_pool(torch, page_shapes, bits: int, num_pages: int) -> list:
+    """Random page buffers of one KV width: ``page_shapes`` as `kv_attention.page_shapes` of one
+    layer (any page count), resized to ``num_pages`` pages."""
+    tensors = []
+    for shape, dtype in page_shapes:
+        shape = (shape[0], num_pages, *shape[2:])
+        if dtype == "uint8":
+            tensors.append(torch.randint(0, 256, shape, device="cuda", dtype=torch.uint8))
+        elif bits == 16:
+            tensors.append(torch.randn(shape, device="cuda", dtype=torch.float16))
+        else:  # (scale, zero) pairs of rows within about [-1, 1]
+            pair = torch.empty(shape, device="cuda", dtype=torch.float16)
+            pair[..., 0].uniform_(0.001, 0.13)
+            pair[..., 1].uniform_(-1, 0)
+            tensors.append(pair)
+    return tensors
 
 
 def _page_tables(torch, batch: int, ctx: int, num_pages: int, bytes_per_call: int, seed: int):

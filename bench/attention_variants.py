@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.attention import _page_tables, gpu_time, kv_bytes  # noqa: E402
+from bench.attention import _page_tables, gpu_time, kv_bytes, page_pool  # noqa: E402
 
 PAGE = 16
 HEADS = [(32, 32, 128), (32, 8, 128), (9, 3, 64)]
@@ -85,16 +85,13 @@ def main() -> None:
                 *[tvm.runtime.tensor(a, dev) for a in (indptr, indices, last)], out)
             worst = max(worst, float((np.abs(out.numpy().astype(np.float64) - ref) / tol).max()))
         print(f"{path} {hq}/{hkv} D={dim}: worst error / tolerance {worst:.3f}", flush=True)
-    for (path, hq, hkv, dim), (_, f) in funcs.items():
+    for (path, hq, hkv, dim), (kva, f) in funcs.items():
         if dim != 128:
             continue
         run = lib[f.attrs["global_symbol"]]
         for batch, ctx in POINTS:
             num_pages = batch * ctx // PAGE * 4
-            codes = torch.randint(0, 256, (1, num_pages, 2, hkv, PAGE, dim // 2), device="cuda", dtype=torch.uint8)
-            scale_zero = torch.empty((1, num_pages, 2, hkv, PAGE, 2), device="cuda", dtype=torch.float16)
-            scale_zero[..., 0].uniform_(0.001, 0.13)
-            scale_zero[..., 1].uniform_(-1, 0)
+            codes, scale_zero = page_pool(torch, kva.page_shapes(1, 1, hkv, dim, 4, PAGE), 4, num_pages)
             q = torch.randn(batch, hq, dim, device="cuda", dtype=torch.float16)
             out = torch.empty_like(q)
             indptr, indices, last = _page_tables(torch, batch, ctx, num_pages,
