@@ -21,6 +21,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -62,13 +63,23 @@ class Rendezvous {
 
   // Publishes `mine` as participant `rank`, runs `read(slots)` once every participant has published,
   // and returns once every participant has finished reading. An exception from `read` is rethrown
-  // after the second barrier, so the others never wait for a worker that gave up.
+  // after the second barrier, so the others never wait for a worker that gave up. Participant 0 also
+  // writes its message to stderr before that barrier: a ThreadedSession's worker threads do not
+  // catch, so each participant's exception ends the process, and two threads terminating at once
+  // can lose the message ("terminate called recursively").
   template <typename Read>
   void Meet(int rank, const Contribution& mine, Read read) {
     slots_[rank] = mine;
     Wait();
     try {
       read(slots_);
+    } catch (const std::exception& error) {
+      if (rank == 0) {
+        std::fprintf(stderr, "%s\n", error.what());
+        std::fflush(stderr);
+      }
+      Wait();
+      throw;
     } catch (...) {
       Wait();
       throw;
