@@ -80,9 +80,10 @@ pages up to its causal limit.
 (`_decode_tensor_core_body` has the fragment layout): per page a warp computes the 16 tokens'
 scores and their P.V contribution as ``mma.sync m16n8k16`` with the 4-bit codes as exact float16
 operands (K's as subnormals, one LOP3 per two codes; V's as integers, one LOP3 and one
-HSUB2/HFMA2), ``P' = p * scale_v`` split into float16 hi + lo halves (about 22 bits), each page's
-P.V accumulated afresh and added with a rounded FFMA, the pages two steps ahead prefetched into
-L2; four warps per (sequence, KV head, split) block merge like the slots below and write an
+HSUB2/HFMA2), ``P' = p * scale_v`` split into float16 hi + lo halves (about 22 bits; without GQA
+the two columns of one MMA), each page's P.V accumulated afresh and added with a rounded FFMA;
+each warp streams its pages through a 4-page shared-memory ring (cp.async, 16 bytes a lane);
+four warps per (sequence, KV head, split) block merge like the slots below and write an
 unsplit batch's output themselves. Every other
 `decode` (INT8, FP16, larger groups, other page sizes):
 one block per (sequence, KV head, split), the sequence's pages cut into up to
@@ -1247,15 +1248,10 @@ def _decode_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, P: int):
 #: Warps of a tensor-core INT4 decode block (`_decode_tensor_core_body`); each keeps its own
 #: online softmax over every `_TC_WARPS`-th page of the block's range.
 _TC_WARPS = 4
-#: Register pipeline stages (pages whose loads are in flight) of a tensor-core decode warp, by
-#: group size, measured on the H200 (docs/bench/attention.md): without GQA a second stage was
-#: 25% slower (its unrolled loop is twice as long, and the other resident warps hide the loads);
-#: with GQA 32/8 it was 5% faster.
-_TC_DEPTH_MHA = 1
-_TC_DEPTH_GQA = 2
-#: Pages past the register stages whose K/V lines a warp asks L2 to fetch (`prefetch.global.L2`):
-#: requests in flight that hold no registers.
-_TC_PREFETCH = 2
+#: Pages of a tensor-core decode warp's shared-memory ring: each step waits for its page, computes
+#: it and starts the copy (cp.async, 16 bytes a lane) of the page _TC_RING - 1 steps ahead, so
+#: that many pages are in flight per warp without holding registers.
+_TC_RING = 4
 #: K's codes masked into the low bits of a float16 are the subnormals ``code * 2**-24`` (exact, no
 #: offset to subtract); masked in place from a byte's high nibble ``code * 2**-20``. Multiplied by q
 #: (a normal float16) they are exact; the score MMAs' results are scaled back in float32.
@@ -1298,6 +1294,29 @@ def _codes_integer_f16x2(dst, x, high: bool):
     return T.ptx["sub.f16x2"](dst, biased, T.uint32(_F16X2_1024))
 
 
+def _v_chunk_slot(token, chunk):
+    """16-byte slot of V's chunk ``chunk`` of page token ``token`` (P = 16) in a ring stage:
+    chunk-major, tokens in the order 4 (token % 4) + token // 4, the slot's bit 2 flipped on odd
+    chunks. A lane reads chunk ``D / 8 g ..`` of tokens 4t + r: for each r, the 8 chunks that
+    16 lanes (one ld.shared.v2 phase; 32 lanes of one ld.shared at D = 64) read fall on 8
+    distinct 16-byte bank slots, where the page's own row-major order puts them on 2."""
+    return chunk * 16 + T.bitwise_xor(4 * (token % 4) + token // 4, 4 * (chunk % 2))
+
+
+def _v_slot_chunk(slot):
+    """(token, chunk) whose V chunk `_v_chunk_slot` puts in ``slot``: lanes copy consecutive
+    slots, so their cp.async writes are conflict-free too, and 32 lanes' sources are whole
+    32-byte sectors (chunks 2c and 2c + 1 of 16 tokens)."""
+    chunk = slot // 16
+    order = T.bitwise_xor(slot % 16, 4 * (chunk % 2))
+    return 4 * (order % 4) + order // 4, chunk
+
+
+def _ld_shared_words(dst: list, ptr):
+    """One ld.shared of ``len(dst)`` (1, 2 or 4) consecutive 32-bit words at ``ptr`` into ``dst``."""
+    return T.ptx[{1: "ld.shared.u32", 2: "ld.shared.v2.u32", 4: "ld.shared.v4.u32"}[len(dst)]](*dst, ptr)
+
+
 def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     """The cuda decode over INT4 pages on fp16 tensor cores (`_uses_tensor_core_decode` shapes).
 
@@ -1307,7 +1326,8 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     subnormals ``code * 2**-24`` and ``* 2**-20`` by nibble, accumulated apart and scaled back in
     float32; V's the integers 0..15), so the only rounding the tensor cores add is that of
     ``P' = p * scale_v``, which is split
-    into two float16 terms (hi + lo, about 22 bits) fed to two mmas. As in the CUDA-core
+    into two float16 terms (hi + lo, about 22 bits) fed to two mmas (without GQA, to one mma as
+    its columns 0 and 1: the other columns would hold no head). As in the CUDA-core
     kernel, ``score = (scale_k * (q . code) + zero_k * sum(q)) / sqrt(D)`` and the output is
     ``sum(p * scale_v * code) + sum(p * zero_v)``, then ``/ l``.
 
@@ -1323,6 +1343,12 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     output's B layout (tokens on K). Online softmax per page (max by XOR shuffles over the 8
     row lanes), l and the zero term kept per lane and reduced at the end; the warps' states
     merge in shared memory like the CUDA-core kernel's slots, the splits in its second kernel.
+
+    Loads: each warp streams its pages through a ring of `_TC_RING` shared-memory stages
+    (cp.async, a page's K and V codes and (scale, zero) rows per stage), so `_TC_RING` - 1 pages
+    are in flight without holding registers, and reads its fragments from the stage. On the
+    H200 the kernel is bound by its instructions, not by memory: a copy of it that only streams
+    the pages ran at the copy rate (docs/bench/attention.md).
     """
     G = HQ // HKV
     threads = _TC_WARPS * _WARP
@@ -1330,50 +1356,66 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
     VW = D // 64  # words of a lane's V chunk (an eighth of a token row)
     PAIRS = 4 * KW  # float16 pairs of a K chunk; two per k16 step of the score mma
     MT = D // 16  # m16 tiles of the output (its rows are head dims)
-    DEPTH = _TC_DEPTH_MHA if G == 1 else _TC_DEPTH_GQA
     ROW_BYTES = D // 2
+    ROW_CHUNKS = ROW_BYTES // 16  # 16-byte chunks of a token row of codes
+    CHUNKS = P * ROW_CHUNKS  # 16-byte chunks of a page's K (or V) codes of one head
+    SZ_CHUNKS = P * 4 // 16  # 16-byte chunks of a page's K (or V) (scale, zero) words
+    # A ring stage: K codes row-major, V codes in `_v_chunk_slot` order, K's then V's (scale,
+    # zero) words.
+    STAGE_WORDS = 4 * (2 * CHUNKS + 2 * SZ_CHUNKS)
+    RING_SIZE = _TC_WARPS * _TC_RING * STAGE_WORDS
     # Head columns of a lane's C fragments that hold a query head: without GQA only column 0 of
     # lanes t = 0 does, so the softmax and the output skip the lanes' second column.
     NCOL = 1 if G == 1 else 2
-    LINES = P * ROW_BYTES // 128  # 128-byte lines of a page's K (or V) codes of one head
+    # Whether the output MMA's columns are the group's heads, P' = hi + lo taking two MMAs;
+    # without GQA (1 head) hi and lo are the columns 0 and 1 of one MMA instead, and the lanes
+    # t = 0 add the two.
+    HEAD_COLUMNS = G > 1
     PS_SIZE = _TC_WARPS * 8 * _TC_P_STRIDE
     sm_scale = float(np.float32(1 / math.sqrt(D)))
     merge_slots = _merge_slots_macro(G, HKV, D, _TC_WARPS, threads, direct=True)
     merge_splits = _merge_splits_macro(HQ, HKV, D, direct=True)
 
     @T.macro
-    def load(codes, scale_zero, Indptr, Indices, b, hk, g, t, pg, p1, kw, vw, sz, stage: int):
-        # Page pg's K chunks (tokens g, g + 8), V chunks (tokens 4t .. 4t + 3) and the (scale,
-        # zero) words of K and V for tokens g, g + 8 into stage `stage` (nothing past p1).
-        KVW = _word_view(codes)
-        SZW = _word_view(scale_zero)
+    def copy_page(kv_rows, sz_rows, Indptr, Indices, b, hk, lane, v_from, pg, p1, ring, stage_at):
+        # cp.async page pg's K and V codes and (scale, zero) rows into the ring stage at word
+        # `stage_at` (nothing past p1), then commit the group: every step commits one, so
+        # "all but the newest RING - 2 groups" is always "up to the page of this step". Lane l
+        # copies K's chunks l, l + 32, ..., V's slots l, l + 32, ... (from the page bytes
+        # ``v_from``), lanes 0 .. 7 the (scale, zero) chunks.
         if pg < p1:
             page = Indices[Indptr[b] + pg]
-            for r in T.unroll(2):
-                for w in T.vectorized(KW):
-                    kw[(stage * 2 + r) * KW + w] = KVW[page, 0, hk, g + 8 * r, t * KW + w]
-            for r in T.unroll(4):
-                for w in T.vectorized(VW):
-                    vw[(stage * 4 + r) * VW + w] = KVW[page, 1, hk, 4 * t + r, g * VW + w]
-            for r in T.unroll(2):
-                sz[stage * 4 + r] = SZW[page, 0, hk, g + 8 * r, 0]
-                sz[stage * 4 + 2 + r] = SZW[page, 1, hk, g + 8 * r, 0]
+            for i in T.unroll(CHUNKS // _WARP):
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    ring.ptr_to([stage_at + 4 * (lane + _WARP * i)]),
+                    kv_rows.ptr_to([page, 0, hk, 16 * (lane + _WARP * i)]), 16))
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    ring.ptr_to([stage_at + 4 * (CHUNKS + lane + _WARP * i)]),
+                    kv_rows.ptr_to([page, 1, hk, v_from[i]]), 16))
+            if lane < 2 * SZ_CHUNKS:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    ring.ptr_to([stage_at + 4 * (2 * CHUNKS + lane)]),
+                    sz_rows.ptr_to([page, lane // SZ_CHUNKS, hk, 8 * (lane % SZ_CHUNKS)]), 16))
+        T.evaluate(T.ptx["cp.async.commit_group"]())
 
     @T.macro
-    def prefetch(codes, scale_zero, Indptr, Indices, b, hk, lane, pg, p1):
-        # Page pg's K and V code lines of 128 bytes (lanes 0 .. 2 LINES - 1) and its two rows of
-        # (scale, zero) pairs (the next two lanes) into L2.
-        if pg < p1:
-            page = Indices[Indptr[b] + pg]
-            if lane < 2 * LINES:
-                T.evaluate(T.ptx["prefetch.global.L2"](codes.ptr_to(
-                    [page, lane // LINES, hk, lane % LINES * (128 // ROW_BYTES), 0])))
-            elif lane < 2 * LINES + 2:
-                T.evaluate(T.ptx["prefetch.global.L2"](scale_zero.ptr_to(
-                    [page, lane - 2 * LINES, hk, 0, 0])))
+    def read_page(ring, stage_at, g, t, kw, vw, sz):
+        # This lane's fragments of the page in the ring stage at word `stage_at`: K chunks of
+        # tokens g, g + 8, V chunks of tokens 4t .. 4t + 3, (scale, zero) words of K and V for
+        # tokens g and g + 8.
+        for r in T.unroll(2):
+            T.evaluate(_ld_shared_words([kw[r * KW + w] for w in range(KW)],
+                                        ring.ptr_to([stage_at + (g + 8 * r) * (ROW_BYTES // 4) + t * KW])))
+        for r in T.unroll(4):
+            T.evaluate(_ld_shared_words([vw[r * VW + w] for w in range(VW)], ring.ptr_to([
+                stage_at + 4 * (CHUNKS + _v_chunk_slot(4 * t + r, g * VW // 4)) + g * VW % 4])))
+        for r in T.unroll(2):
+            for kv in T.unroll(2):
+                T.evaluate(T.ptx["ld.shared.u32"](sz[2 * kv + r], ring.ptr_to(
+                    [stage_at + 4 * (2 * CHUNKS + SZ_CHUNKS * kv) + g + 8 * r])))
 
     @T.macro
-    def page_step(pg, j1, g, t, warp, kw, vw, sz, stage: int, qf, qsum, m, l, zacc, oacc, ka,
+    def page_step(pg, j1, g, t, warp, kw, vw, sz, qf, qsum, m, l, zacc, oacc, ka,
                   va, sacc, pacc, sc, pp, alpha, rowf, pf, pb, ps):
         # Scores of the page's 16 tokens (rows) for the group's heads (columns 2t, 2t + 1): the
         # low-nibble pairs and the high-nibble pairs in two accumulators (their codes are scaled
@@ -1383,7 +1425,7 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                 for half in T.unroll(2):
                     for high in T.unroll(2):
                         ka[r * PAIRS + 4 * w + 2 * half + high] = _codes_subnormal_f16x2(T.shift_right(
-                            kw[(stage * 2 + r) * KW + w], T.uint32(8 * half)), high)
+                            kw[r * KW + w], T.uint32(8 * half)), high)
         for c in T.unroll(8):
             sacc[c] = T.float32(0)
         for w in T.unroll(KW):
@@ -1398,10 +1440,10 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
         # Scale and zero of K and V for rows g and g + 8; zeros for rows past j1, whose stale
         # bits may be inf or NaN (then every term of such a row is 0, its score _NEG_BIG).
         for r in T.unroll(2):
-            rowf[r] = _scale(sz, stage * 4 + r)
-            rowf[2 + r] = _zero(sz, stage * 4 + r)
-            rowf[4 + r] = _scale(sz, stage * 4 + 2 + r)
-            rowf[6 + r] = _zero(sz, stage * 4 + 2 + r)
+            rowf[r] = _scale(sz, r)
+            rowf[2 + r] = _zero(sz, r)
+            rowf[4 + r] = _scale(sz, 2 + r)
+            rowf[6 + r] = _zero(sz, 2 + r)
             for i in T.unroll(4):
                 rowf[2 * i + r] = T.Select(pg * P + g + 8 * r < j1, rowf[2 * i + r], T.float32(0))
         # Score c = 2 r + e is row g + 8 r, head column 2 t + e (C fragment order).
@@ -1430,7 +1472,7 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                     pp[2 * r + e] * rowf[4 + r]))
         T.evaluate(T.call_extern("void", "__syncwarp"))
         T.evaluate(T.ptx["ld.shared.v4.f32"](pf[0], pf[1], pf[2], pf[3],
-                                             ps.ptr_to([(warp * 8 + g) * _TC_P_STRIDE + 4 * t])))
+                                             ps.ptr_to([(warp * 8 + g * int(HEAD_COLUMNS)) * _TC_P_STRIDE + 4 * t])))
         T.evaluate(T.call_extern("void", "__syncwarp"))
         for h in T.unroll(2):
             # hi = float16(P'), lo = float16(P' - hi): tokens 4t + 2h (low half), 4t + 2h + 1.
@@ -1438,13 +1480,16 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             T.evaluate(T.ptx["cvt.rn.f16x2.f32"](
                 pb[2 + h], pf[2 * h + 1] - T.Cast("float32", T.Cast("float16", pf[2 * h + 1])),
                 pf[2 * h] - T.Cast("float32", T.Cast("float16", pf[2 * h]))))
+        if not HEAD_COLUMNS:
+            # The one head's hi in column 0 (lanes g = 0), lo in the other columns.
+            for h in T.unroll(2):
+                pb[h] = T.Select(g == 0, pb[h], pb[2 + h])
         # V codes of tokens (4t, 4t + 1) and (4t + 2, 4t + 3) paired per dim: PRMT puts one
         # token's bytes in the low halves and the other's in the high halves.
         for pair in T.unroll(2):
             for w in T.unroll(VW):
                 for half in T.unroll(2):
-                    both = _byte_perm(vw[(stage * 4 + 2 * pair) * VW + w],
-                                      vw[(stage * 4 + 2 * pair + 1) * VW + w],
+                    both = _byte_perm(vw[2 * pair * VW + w], vw[(2 * pair + 1) * VW + w],
                                       0x5410 + half * (0x7632 - 0x5410))
                     base = pair * 8 * VW + 8 * w + 4 * half
                     for byte in T.unroll(2):
@@ -1458,14 +1503,17 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
         for mt in T.unroll(MT):
             for c in T.unroll(4):
                 pacc[c] = T.float32(0)
-            for part in T.unroll(2):
+            for part in T.unroll(1 + int(HEAD_COLUMNS)):
                 T.evaluate(T.ptx[_MMA_F16](
                     pacc[0], pacc[1], pacc[2], pacc[3],
                     va[mt], va[MT + mt], va[8 * VW + mt], va[8 * VW + MT + mt],
                     pb[2 * part], pb[2 * part + 1], pacc[0], pacc[1], pacc[2], pacc[3]))
             for r in T.unroll(2):
-                for e in T.unroll(NCOL):
-                    oacc[4 * mt + 2 * r + e] = oacc[4 * mt + 2 * r + e] * alpha[e] + pacc[2 * r + e]
+                if HEAD_COLUMNS:
+                    for e in T.unroll(2):
+                        oacc[4 * mt + 2 * r + e] = oacc[4 * mt + 2 * r + e] * alpha[e] + pacc[2 * r + e]
+                else:
+                    oacc[4 * mt + 2 * r] = oacc[4 * mt + 2 * r] * alpha[0] + (pacc[2 * r] + pacc[2 * r + 1])
 
     @T.macro
     def body(Q, codes, scale_zero, Indptr, Indices, LastLen, Out, B):
@@ -1479,17 +1527,21 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             warp = tx // _WARP
             g = tx % _WARP // 4
             t = tx % 4
-            # One allocation carved into the probability tiles and the merge buffers: as
-            # separate allocations TVM overlays them (it cannot see the asm accesses to the
-            # tiles), and a warp that finishes early would write its state over a tile in use.
-            smem = T.alloc_shared((PS_SIZE + 2 * _TC_WARPS * G + _TC_WARPS * G * D,), "float32")
-            ps = T.decl_buffer((PS_SIZE,), "float32", data=smem.data, scope="shared")
-            ms = T.decl_buffer((_TC_WARPS * G,), "float32", data=smem.data, elem_offset=PS_SIZE,
-                               scope="shared")
+            # One allocation carved into the page rings, the probability tiles and the merge
+            # buffers: as separate allocations TVM overlays them (it cannot see the asm accesses
+            # to the rings and tiles), and a warp that finishes early would write its state over
+            # a tile in use. Dynamic, because GQA's merge buffers take it past 48 KiB.
+            smem = T.alloc_buffer((RING_SIZE + PS_SIZE + 2 * _TC_WARPS * G + _TC_WARPS * G * D,),
+                                  "float32", scope="shared.dyn")
+            ring = T.decl_buffer((RING_SIZE,), "uint32", data=smem.data, scope="shared.dyn")
+            ps = T.decl_buffer((PS_SIZE,), "float32", data=smem.data, elem_offset=RING_SIZE,
+                               scope="shared.dyn")
+            ms = T.decl_buffer((_TC_WARPS * G,), "float32", data=smem.data,
+                               elem_offset=RING_SIZE + PS_SIZE, scope="shared.dyn")
             ls = T.decl_buffer((_TC_WARPS * G,), "float32", data=smem.data,
-                               elem_offset=PS_SIZE + _TC_WARPS * G, scope="shared")
+                               elem_offset=RING_SIZE + PS_SIZE + _TC_WARPS * G, scope="shared.dyn")
             accs = T.decl_buffer((_TC_WARPS * G, D), "float32", data=smem.data,
-                                 elem_offset=PS_SIZE + 2 * _TC_WARPS * G, scope="shared")
+                                 elem_offset=RING_SIZE + PS_SIZE + 2 * _TC_WARPS * G, scope="shared.dyn")
             qf = T.alloc_local((PAIRS,), "uint32")
             qsum = T.alloc_local((2,), "float32")
             m = T.alloc_local((2,), "float32")
@@ -1506,9 +1558,9 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             rowf = T.alloc_local((8,), "float32")
             pf = T.alloc_local((4,), "float32")
             pb = T.alloc_local((4,), "uint32")
-            kw = T.alloc_local((DEPTH * 2 * KW,), "uint32")
-            vw = T.alloc_local((DEPTH * 4 * VW,), "uint32")
-            sz = T.alloc_local((DEPTH * 4,), "uint32")
+            kw = T.alloc_local((2 * KW,), "uint32")
+            vw = T.alloc_local((4 * VW,), "uint32")
+            sz = T.alloc_local((4,), "uint32")
             num = Indptr[b + 1] - Indptr[b]
             per = (num + _decode_splits(B, HKV) - 1) // _decode_splits(B, HKV)
             p0 = split * per
@@ -1533,26 +1585,31 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
                 zacc[e] = T.float32(0)
             for i in T.unroll(4 * MT):
                 oacc[i] = T.float32(0)
-            for stage in T.unroll(DEPTH):
-                load(codes, scale_zero, Indptr, Indices, b, hk, g, t, p0 + warp + stage * _TC_WARPS,
-                     p1, kw, vw, sz, stage)
-            for ahead in T.unroll(_TC_PREFETCH):
-                prefetch(codes, scale_zero, Indptr, Indices, b, hk, tx % _WARP,
-                         p0 + warp + (DEPTH + ahead) * _TC_WARPS, p1)
-            # Warp w takes pages p0 + w, p0 + w + WARPS, ...; step it * DEPTH + stage reads stage
-            # `stage`, then refills it with the page DEPTH steps ahead.
+            # Warp w takes pages p0 + w, p0 + w + WARPS, ...; step k computes the page in ring
+            # stage k % RING and starts the copy of the page RING - 1 steps ahead into the stage
+            # step k - 1 read (every lane is past it: page_step has warp barriers).
+            ring_at = warp * _TC_RING * STAGE_WORDS
+            # A page of one head as rows of its K and V bytes (and (scale, zero) halves).
+            kv_rows = _view(codes, (codes.shape[0], 2, HKV, P * ROW_BYTES), "uint8", codes.elem_offset)
+            sz_rows = _view(scale_zero, (scale_zero.shape[0], 2, HKV, P * 2), "float16",
+                            scale_zero.elem_offset)
+            v_from = T.alloc_local((CHUNKS // _WARP,), "int32")
+            for i in T.unroll(CHUNKS // _WARP):
+                token, chunk = _v_slot_chunk(tx % _WARP + _WARP * i)
+                v_from[i] = token * ROW_BYTES + 16 * chunk
+            for k in T.unroll(_TC_RING - 1):
+                copy_page(kv_rows, sz_rows, Indptr, Indices, b, hk, tx % _WARP, v_from, p0 + warp + k * _TC_WARPS,
+                          p1, ring, ring_at + k * STAGE_WORDS)
             steps = T.max(p1 - p0 - warp + _TC_WARPS - 1, 0) // _TC_WARPS
-            for it in range((steps + DEPTH - 1) // DEPTH):
-                for stage in T.unroll(DEPTH):
-                    if it * DEPTH + stage < steps:
-                        page_step(p0 + warp + (it * DEPTH + stage) * _TC_WARPS, j1, g, t, warp, kw,
-                                  vw, sz, stage, qf, qsum, m, l, zacc, oacc, ka, va, sacc, pacc, sc,
-                                  pp, alpha, rowf, pf, pb, ps)
-                        load(codes, scale_zero, Indptr, Indices, b, hk, g, t,
-                             p0 + warp + (it * DEPTH + stage + DEPTH) * _TC_WARPS, p1, kw, vw, sz, stage)
-                        if _TC_PREFETCH > 0:
-                            prefetch(codes, scale_zero, Indptr, Indices, b, hk, tx % _WARP,
-                                     p0 + warp + (it * DEPTH + stage + DEPTH + _TC_PREFETCH) * _TC_WARPS, p1)
+            for k in range(steps):
+                T.evaluate(T.ptx["cp.async.wait_group"](_TC_RING - 2))
+                T.evaluate(T.call_extern("void", "__syncwarp"))
+                read_page(ring, ring_at + k % _TC_RING * STAGE_WORDS, g, t, kw, vw, sz)
+                page_step(p0 + warp + k * _TC_WARPS, j1, g, t, warp, kw, vw, sz, qf, qsum, m, l, zacc,
+                          oacc, ka, va, sacc, pacc, sc, pp, alpha, rowf, pf, pb, ps)
+                copy_page(kv_rows, sz_rows, Indptr, Indices, b, hk, tx % _WARP, v_from,
+                          p0 + warp + (k + _TC_RING - 1) * _TC_WARPS, p1, ring,
+                          ring_at + (k + _TC_RING - 1) % _TC_RING * STAGE_WORDS)
             # l and the zero term were summed per lane: reduce them over the 8 row lanes.
             for e in T.unroll(NCOL):
                 for k in T.unroll(3):
