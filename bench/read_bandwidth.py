@@ -43,7 +43,7 @@ def read_kernel(rows: int, row_bytes: int, pattern: str):
     @T.prim_func
     def read(a: T.handle, o: T.handle):
         A = T.match_buffer(a, (rows, row_bytes), "uint8")
-        Out = T.match_buffer(o, (blocks * 256,), "uint32")
+        Out = T.match_buffer(o, (blocks * 256,), "int32")
         bx = T.launch_thread("blockIdx.x", blocks)
         tx = T.launch_thread("threadIdx.x", 256)
         regs = T.alloc_buffer((4 * loads,), "uint32", scope="local")
@@ -64,7 +64,7 @@ def read_kernel(rows: int, row_bytes: int, pattern: str):
         x[0] = T.uint32(0)
         for v in T.unroll(loads):
             x[0] = x[0] ^ regs[4 * v]
-        Out[bx * 256 + tx] = x[0]
+        Out[bx * 256 + tx] = T.reinterpret("int32", x[0])
 
     return read.with_attr("global_symbol", "read_kernel")
 
