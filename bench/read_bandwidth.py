@@ -73,15 +73,10 @@ def build(job, out_dir: str) -> str:
     """Compile one (rows, row_bytes, pattern) reader for sm_90a (for `build_kernels`' workers)."""
     import os
 
-    import tvm
-
-    from atom_tvm import cuda_build
-    from deploy.targets import make_target
+    from tir_kernels.quantize import build as build_kernel
 
     rows, row_bytes, pattern = job
-    cuda_build.enable_cuda_codegen()
-    with cuda_build.use_nvcc_fatbin(["sm_90a"]):
-        executable = tvm.compile(read_kernel(rows, row_bytes, pattern), make_target("cuda", ["sm_90a"]))
+    executable = build_kernel(read_kernel(rows, row_bytes, pattern), "cuda", ("sm_90a",))
     path = os.path.join(out_dir, f"read_{rows}_{row_bytes}_{PATTERNS.index(pattern)}.so")
     executable.export_library(path)
     return path
