@@ -17,7 +17,7 @@ is not rescaled). W4A4 runs `w4a4_gemv` for M <= 16 (both kernels are timed ther
 The dense kernels of `tir_kernels.dense_gemm` (the baselines' fp16 and W8A8 GEMMs) run on the
 same fp16 / int8 operands as cuBLAS, the int8 one with its per-token and per-channel scales
 applied (cuBLAS int8 returns raw int32). ``--probe`` also times the tilings of
-`dense_gemm.PROBE_CONFIGS` on the first shape at M = 1024 and 4096.
+`dense_gemm.PROBE_CONFIGS` on the first shape at every M.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--png", type=Path, help="draw the TOPS plot here")
     parser.add_argument("--plot", type=Path, help="only draw --png from this earlier --json")
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--probe", action="store_true", help="also time the dense tilings of PROBE_CONFIGS")
+    parser.add_argument("--probe", action="store_true", help="also time the dense tilings of PROBE_CONFIGS (first shape)")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="the values of M to time")
     parser.add_argument("--merge", type=Path,
                         help="an earlier --json whose rows of the other M are kept (marked with its file name)")
@@ -87,10 +87,11 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
 
     specs = {(label, kind): KernelSpec(kind, ARCHS, N, K, G, O, False)
              for label, N, K in SHAPES for kind in ("gemm", "gemv")}
-    configs = list(PROBE_CONFIGS) if probe else ["sm80"]
+    # "": the tiling the target's variant gets (the table's columns); the others are probes.
+    configs = ["", *PROBE_CONFIGS] if probe else [""]
     dense = {(label, op, config): DenseSpec(op, ARCHS, N, K, False, config)
              for i, (label, N, K) in enumerate(SHAPES) for op in ("fp16", "int8")
-             for config in (configs if i == 0 else ["sm80"])}
+             for config in (configs if i == 0 else [""])}
     with tempfile.TemporaryDirectory() as tmp:
         libs = build_kernels(specs.values(), tmp)
         funcs = {key: tvm.runtime.load_module(libs[spec])[spec.function_name()] for key, spec in specs.items()}
@@ -134,7 +135,7 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
                           "int8": (tvm.runtime.from_dlpack(x8[:M].contiguous()), tvm_int8_w)}
             scales = [tvm.runtime.from_dlpack(t) for t in (sx, sw)]
             for (shape, op, config), func in dense_funcs.items():
-                if shape != label or (config != "sm80" and M not in (1024, 4096)):
+                if shape != label:
                     continue
                 x, ws = dense_args[op]
                 if op == "fp16":
@@ -142,7 +143,7 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
                 else:
                     call = lambda i: func(x, scales[0], ws[i % len(ws)], scales[1], tvm_y)  # noqa: E731
                 us = gpu_time(torch, call, iters)
-                if config == "sm80":
+                if not config:
                     row[f"tvm_{op}_us"] = us
                     row[f"tvm_{op}_tops"] = ops / us / 1e6
                     row[f"tvm_{op}_vs_cublas"] = row[f"{op}_us"] / us
@@ -159,7 +160,8 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
             print(f"{label:18s} M={M:5d} w4a4 {row['w4a4_us']:9.2f} us  fp16 {row['fp16_us']:9.2f} us"
                   f"  int8 {row['int8_us']:9.2f} us", flush=True)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": COPY_GBPS,
-            "G": G, "O": O, "rows": rows, "probes": probes}
+            "G": G, "O": O, "dense_tiling": dense[(SHAPES[0][0], "fp16", "")].tiling(), "rows": rows,
+            "probes": probes}
 
 
 def w4a4_weight_bytes(N: int, K: int) -> int:
@@ -228,7 +230,7 @@ def print_table(result: dict) -> None:
         print(f"| {r['shape']} | {r['M']} | {r['w4a4_us']:.1f} | {r['fp16_us']:.1f} | {r['int8_us']:.1f} "
               f"| {r['w4a4_tops']:.0f} | {r['fp16_tops']:.0f} | {r['int8_tops']:.0f} "
               f"| {r['vs_fp16']:.2f}x | {r['vs_int8']:.2f}x | {r['weight_gbps']:.0f} | {r['of_copy']:.0%} |")
-    print("\nDense baselines (tir_kernels.dense_gemm, sm80 tiling) against cuBLAS")
+    print(f"\nDense baselines (tir_kernels.dense_gemm, {result.get('dense_tiling', 'sm80')} tiling) against cuBLAS")
     print("| shape | M | TVM fp16 us | TVM fp16 TFLOPS | of cuBLAS fp16 | TVM int8 us | TVM int8 TOPS | of cuBLAS int8 |")
     print("|" + "---|" * 8)
     for r in result["rows"]:
@@ -250,9 +252,10 @@ def plot(result: dict, png: Path) -> None:
     for ax, shape in zip(np.atleast_1d(axes), shapes):
         rows = [r for r in result["rows"] if r["shape"] == shape]
         ms = [r["M"] for r in rows]
+        tiling = result.get("dense_tiling", "sm80")
         for key, label, style in (("w4a4", "W4A4 (TVM, wgmma s8; gemv at M <= 16)", "-"), ("fp16", "cuBLAS fp16", "-"),
-                                  ("int8", "cuBLAS int8", "-"), ("tvm_fp16", "fp16 (TVM, mma.sync)", "--"),
-                                  ("tvm_int8", "W8A8 int8 (TVM, mma.sync)", "--")):
+                                  ("int8", "cuBLAS int8", "-"), ("tvm_fp16", f"fp16 (TVM, {tiling})", "--"),
+                                  ("tvm_int8", f"W8A8 int8 (TVM, {tiling})", "--")):
             if f"{key}_tops" in rows[0]:
                 ax.plot(ms, [r[f"{key}_tops"] for r in rows], style, marker="o", label=label)
         ax.set_xscale("log", base=2)

@@ -150,7 +150,10 @@ def test_bad_shapes_and_dispatch():
     with pytest.raises(UserError, match="multiple of 64"):
         int8_gemm(cuda("sm_80"), 576, 608)
     assert variant_for(LLVM) == "cpu"
-    assert {variant_for(cuda(a)) for a in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")} == {"sm80"}
+    assert {variant_for(cuda(a)) for a in ("sm_80", "sm_86", "sm_89", "sm_90")} == {"sm80"}
+    assert variant_for(cuda("sm_90a")) == "sm90a"
+    with pytest.raises(UserError, match="multiple of 16"):
+        int8_gemm(cuda("sm_90a"), 576, 600)
     with pytest.raises(UserError, match="sm_90a"):
         variant_for(cuda("sm_75"))
 
@@ -171,6 +174,19 @@ def test_cuda_builds(cuda_toolchain, tmp_path, op, sass):
         code = sass_of(lib, arch)
         assert code.count(sass) == 32, f"{arch}: {code.count(sass)} x {sass}"
         assert "STL" not in code and "LDL" not in code, f"{arch}: local memory (spilled accumulators)"
+
+
+@pytest.mark.parametrize("op, sass, count", [("fp16", "HGMMA.64x256x16.F32", 4), ("int8", "IGMMA.64x128x32.S8.S8", 8)])
+def test_cuda_builds_sm90a(cuda_toolchain, tmp_path, op, sass, count):
+    """The sm_90a build is the wgmma kernel: per 128-byte step of K, 4 k-slices of one m64n256
+    (fp16) or two m64n128 (int8) wgmmas, and no mma.sync or local memory."""
+    spec = DenseSpec(op, ("sm_90a",), 576, 1536, residual=True)
+    assert spec.tiling() == "sm90a"
+    lib = Path(build_dense_kernel(spec, str(tmp_path)))
+    code = sass_of(lib, "sm_90a")
+    assert code.count(sass) == count, f"{code.count(sass)} x {sass}"
+    assert "HMMA" not in code and "IMMA" not in code
+    assert "STL" not in code and "LDL" not in code, "local memory (spilled accumulators)"
 
 
 # ---------------------------------------------------------------------------------------------

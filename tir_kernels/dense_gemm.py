@@ -28,13 +28,20 @@ Variants, chosen from the target by `fp16_gemm` / `int8_gemm`:
 
 * ``cpu`` (llvm): parallel over panels of 16 columns, each panel's weights converted once and
   every row of x streamed over them with the 16 columns in one vector.
-* ``sm80`` (CUDA sm_80 ... sm_90a): the tiled tensor-core kernel of `tir_kernels.gemm_common`
+* ``sm80`` (CUDA sm_80 ... plain sm_90): the tiled tensor-core kernel of `tir_kernels.gemm_common`
   (cp.async ring of swizzled 32-byte-row tiles, ldmatrix, mma.sync) with dense operands: a
   32-byte step of K is 16 fp16 channels (``mma.sync m16n8k16 f16.f16.f32``) or 32 int8 channels
   (``m16n8k32 s8.s8.s32``), and ldmatrix of either fills the mma fragments as they are, exactly as
   for the packed INT4 bytes of the W4A4 kernel. There is no group epilogue: one accumulator per
-  output for all of K, and the scaling (int8) or residual only at the end. Hopper runs the same
-  mma.sync code (no wgmma yet), hence one variant for every supported arch.
+  output for all of K, and the scaling (int8) or residual only at the end.
+* ``sm90a`` (sm_90a, Hopper): ``wgmma.mma_async`` with both operands in shared memory (`_wgmma_body`).
+  128-byte steps of K (64 fp16 or 128 int8 channels) are copied by cp.async into a ring, each
+  tile in the 128-byte swizzle wgmma reads without bank conflicts (16-byte chunk c of row r at
+  chunk ``c ^ (r % 8)``); two warpgroups of 64 rows x 256 columns each issue 4 k-slices per step
+  (``m64n256k16 f16`` or twice ``m64n128k32 s8``) and wait only for the previous step's. The
+  same tiles in wgmma's unswizzled core-matrix layout ran at a third of this speed. Below
+  `WgmmaDenseConfig.min_m` rows (few blocks of 128 x 256) the PrimFunc launches the ``sm80``
+  kernel instead.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import tvm
 from tvm.script import tirx as T
 
 from atom_tvm.errors import UserError
-from tir_kernels.gemm_common import STEP_BYTES, TileConfig, _mma, _swizzle, fragment_loader
+from tir_kernels.gemm_common import STEP_BYTES, TileConfig, _copy16_unless, _mma, _swizzle, fragment_loader
 from tir_kernels.w4a4_gemm import _exact_int_dot
 
 
@@ -79,15 +86,49 @@ class DenseConfig(TileConfig):
     block_steps: int = 2
 
 
+#: Bytes of K per pipeline step: one row of a 128-byte swizzle atom (8 rows x 128 bytes, 16-byte
+#: chunk c of row r stored at chunk c ^ (r % 8)), the layout wgmma reads without bank conflicts.
+WG_STEP_BYTES = 128
+#: wgmma's K per instruction in bytes (k16 fp16, k32 int8).
+WG_SLICE_BYTES = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class WgmmaDenseConfig:
+    """A Hopper (sm_90a) dense configuration: ``warpgroups`` x 64 rows by ``block_n`` columns per
+    block, a ring of ``stages`` 128-byte steps of K (``stages - 2`` copied ahead)."""
+
+    name: str
+    block_n: int
+    stages: int
+    warpgroups: int = 2
+    #: Fewer rows than this run the mma.sync kernel (`SM80`) instead; 0: wgmma for every M.
+    min_m: int = 0
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.warpgroups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups
+
+
 #: 128x128 blocks of 8 warps (64x32 warp tiles, as the W4A4 kernel: 16 mma per 6 ldmatrix.x4 per
 #: step, 64 accumulators a thread), 6 stages of 32-byte steps = 48 KiB (the static limit), a
 #: barrier every 2 steps, so 2 barrier blocks are in flight while one is computed. On the H200 it
 #: beat 4 warps of 64x64 by 2-4 % (fp16) and 7-10 % (int8) at 4096x4096, M = 1024 and 4096.
 SM80 = DenseConfig("sm80", 128, 128, 2, 4, 6, False, 2)
+#: sm_90a: 128x256 blocks of two warpgroups, 4 stages of 48 KiB (2 copied ahead).
+SM90A = WgmmaDenseConfig("sm90a", 256, 4)
 #: Alternatives the benchmark probes (`bench/gemm.py --probe`): 4 warps of 64x64, and a barrier
 #: per step with 5 steps in flight.
 PROBE_CONFIGS = {
     "sm80": SM80,
+    "sm90a": SM90A,
+    "sm90a_n128": WgmmaDenseConfig("sm90a_n128", 128, 6),
+    "sm90a_s3": WgmmaDenseConfig("sm90a_s3", 256, 3),
+    "sm90a_m64": WgmmaDenseConfig("sm90a_m64", 128, 6, warpgroups=1),
     "sm80_w4": DenseConfig("sm80_w4", 128, 128, 2, 2, 6, False, 2),
     "sm80_s1": DenseConfig("sm80_s1", 128, 128, 2, 4, 6, False, 1),
 }
@@ -150,24 +191,24 @@ def int8_gemm_reference(x, sx, w, sw, residual=None) -> np.ndarray:
 
 
 def variant_for(target: tvm.target.Target) -> str:
-    """``cpu`` or ``sm80``: the dense GEMM variant a target gets (Hopper runs the mma.sync code too)."""
+    """``cpu``, ``sm80`` (mma.sync, sm_80 ... plain sm_90) or ``sm90a`` (wgmma): the dense GEMM
+    variant a target gets."""
     from deploy.targets import SUPPORTED_ARCHS, kernel_variant
 
-    return kernel_variant(target, "dense GEMM", {arch: "sm80" for arch in SUPPORTED_ARCHS})
+    return kernel_variant(target, "dense GEMM",
+                          {arch: "sm90a" if arch == "sm_90a" else "sm80" for arch in SUPPORTED_ARCHS})
 
 
-def fp16_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False,
-              cfg: DenseConfig = SM80) -> tvm.tirx.PrimFunc:
+def fp16_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False, cfg=None) -> tvm.tirx.PrimFunc:
     """``y = x @ w.T (+ residual)`` in float16 with float32 sums, for any M (dynamic).
 
-    PrimFunc arguments: ``x, w``, then ``residual`` if asked for, then ``y``. ``cfg`` picks the
-    CUDA tiling (the benchmark's probes); llvm ignores it.
+    PrimFunc arguments: ``x, w``, then ``residual`` if asked for, then ``y``. ``cfg`` overrides
+    the CUDA tiling of the target's variant (the benchmark's probes); llvm ignores it.
     """
     return _dense_gemm(FP16, target, N, K, residual, cfg)
 
 
-def int8_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False,
-              cfg: DenseConfig = SM80) -> tvm.tirx.PrimFunc:
+def int8_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False, cfg=None) -> tvm.tirx.PrimFunc:
     """``y = (x @ w.T) * sx * sw (+ residual)`` from int8 codes, int32 sums, for any M (dynamic).
 
     PrimFunc arguments: ``x, sx, w, sw``, then ``residual`` if asked for, then ``y``.
@@ -175,11 +216,27 @@ def int8_gemm(target: tvm.target.Target, N: int, K: int, residual: bool = False,
     return _dense_gemm(INT8, target, N, K, residual, cfg)
 
 
-def _dense_gemm(op: Operand, target, N: int, K: int, residual: bool, cfg: DenseConfig) -> tvm.tirx.PrimFunc:
+def _dense_gemm(op: Operand, target, N: int, K: int, residual: bool, cfg) -> tvm.tirx.PrimFunc:
     check_shape(N, K)
-    if variant_for(target) == "cpu":
-        return _with_signature(op, residual, _cpu_body(op, N, K, residual), f"{op.name}_gemm_cpu")
-    return _with_signature(op, residual, _cuda_body(op, N, K, residual, cfg), kernel_name(op, cfg, residual))
+    variant = variant_for(target)
+    if variant == "cpu":
+        return _with_signature(op, N, K, residual, _cpu_body(op, N, K, residual), f"{op.name}_gemm_cpu")
+    cfg = cfg or PROBE_CONFIGS[variant]
+    if not isinstance(cfg, WgmmaDenseConfig):
+        return _with_signature(op, N, K, residual, _cuda_body(op, N, K, residual, cfg), kernel_name(op, cfg, residual))
+    wgmma = _wgmma_body(op, N, K, residual, cfg)
+    if not cfg.min_m:
+        return _with_signature(op, N, K, residual, wgmma, kernel_name(op, cfg, residual))
+    mma_sync = _cuda_body(op, N, K, residual, SM80)
+
+    @T.macro
+    def by_rows(M, X, SX, W, SW, R, Y):
+        if M >= cfg.min_m:
+            wgmma(M, X, SX, W, SW, R, Y)
+        else:
+            mma_sync(M, X, SX, W, SW, R, Y)
+
+    return _with_signature(op, N, K, residual, by_rows, kernel_name(op, cfg, residual))
 
 
 def kernel_name(op: Operand, cfg: DenseConfig, residual: bool) -> str:
@@ -187,9 +244,22 @@ def kernel_name(op: Operand, cfg: DenseConfig, residual: bool) -> str:
     return f"{op.name}_gemm_{cfg.name}" + ("_residual" if residual else "")
 
 
-def _with_signature(op: Operand, residual: bool, body, name: str) -> tvm.tirx.PrimFunc:
-    """``body(x, sx, w, sw, res, y)`` as a PrimFunc with the arguments of `fp16_gemm` / `int8_gemm`
-    (the fp16 one has no scales: its body never reads ``sx``/``sw``, and gets ``x``/``w`` there)."""
+def _with_signature(op: Operand, N: int, K: int, residual: bool, kernel, name: str) -> tvm.tirx.PrimFunc:
+    """``kernel(M, X, SX, W, SW, R, Y)`` on the matched buffers, as a PrimFunc with the arguments of
+    `fp16_gemm` / `int8_gemm` (fp16 has no scales: its kernels never read ``SX``/``SW``, and get
+    ``X``/``W`` there; without a residual ``R`` is ``Y``, never read)."""
+
+    @T.macro
+    def body(x, sx, w, sw, res, y):
+        M = T.int32()
+        X = T.match_buffer(x, (M, K), op.dtype)
+        W = T.match_buffer(w, (N, K), op.dtype)
+        SX = T.match_buffer(sx, (M, 1), "float16") if op is INT8 else X
+        SW = T.match_buffer(sw, (N, 1), "float16") if op is INT8 else W
+        Y = T.match_buffer(y, (M, N), "float16")
+        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+        kernel(M, X, SX, W, SW, R, Y)
+
     if op is INT8 and residual:
 
         @T.prim_func
@@ -245,14 +315,7 @@ def _cpu_body(op: Operand, N: int, K: int, residual: bool):
     ACC = op.acc_dtype
 
     @T.macro
-    def body(x, sx, w, sw, res, y):
-        M = T.int32()
-        X = T.match_buffer(x, (M, K), op.dtype)
-        W = T.match_buffer(w, (N, K), op.dtype)
-        SX = T.match_buffer(sx, (M, 1), "float16") if op is INT8 else X
-        SW = T.match_buffer(sw, (N, 1), "float16") if op is INT8 else W
-        Y = T.match_buffer(y, (M, N), "float16")
-        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+    def body(M, X, SX, W, SW, R, Y):
         for panel in T.parallel(N // P):
             n0 = panel * P
             wp = T.alloc_buffer((K, P), ACC)
@@ -329,14 +392,7 @@ def _cuda_body(op: Operand, N: int, K: int, residual: bool, cfg: DenseConfig):
                     T.evaluate(T.ptx["cp.async.cg.shared.global"](dst, W.ptr_to([n0 + row - BM, col]), 16))
 
     @T.macro
-    def body(x, sx, w, sw, res, y):
-        M = T.int32()
-        X = T.match_buffer(x, (M, K), op.dtype)
-        W = T.match_buffer(w, (N, K), op.dtype)
-        SX = T.match_buffer(sx, (M, 1), "float16") if op is INT8 else X
-        SW = T.match_buffer(sw, (N, 1), "float16") if op is INT8 else W
-        Y = T.match_buffer(y, (M, N), "float16")
-        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+    def body(M, X, SX, W, SW, R, Y):
 
         bx = T.launch_thread("blockIdx.x", -(-N // BN))
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
@@ -397,6 +453,138 @@ def _cuda_body(op: Operand, N: int, K: int, residual: bool, cfg: DenseConfig):
 
 
 # ---------------------------------------------------------------------------------------------
+# sm90a: wgmma with both operands in 128-byte-swizzled shared memory
+# ---------------------------------------------------------------------------------------------
+
+def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConfig):
+    """sm_90a::
+
+        grid (ceil(N / BN), ceil(M / BM)), one block of `warpgroups` warpgroups, each 64 rows x BN
+        K in 128-byte steps through a ring of S stages of [A rows | W rows], 128-byte swizzled
+        per step: wait for its copies, fence (cp.async writes -> wgmma's async proxy), barrier,
+            cp.async step + S - 2 into the stage step - 2 used (its wgmmas are done: every
+            thread waited for them before this barrier), then 4 wgmma k-slices, committed, and
+            wait until only this step's are in flight
+        y = f16(acc, scaled for int8 (+ residual))
+
+    Rows past M or N and chunks past K are zero-filled (cp.async ignore-src), so a K that is not
+    a multiple of the step adds zero products.
+    """
+    BM, BN, S, THREADS = cfg.block_m, cfg.block_n, cfg.stages, cfg.threads
+    if (K * op.bytes) % 16:
+        raise UserError(f"the sm90a {op.name} GEMM needs K to be a multiple of {16 // op.bytes}, got K = {K}")
+    CHUNK = 16 // op.bytes
+    K_CHUNKS = K * op.bytes // 16
+    STEPS = -(-K * op.bytes // WG_STEP_BYTES)
+    STAGE = (BM + BN) * WG_STEP_BYTES
+    W_AT = BM * WG_STEP_BYTES
+    ROWS_PER_ROUND = THREADS // 8
+    A_ROUNDS = BM // ROWS_PER_ROUND
+    ROUNDS = (BM + BN) // ROWS_PER_ROUND
+    SLICES = WG_STEP_BYTES // WG_SLICE_BYTES
+    # int8 has no m64n256k32 in TVM's table: two n128 halves, each its own accumulator registers.
+    N_PARTS = 1 if op is FP16 else BN // 128
+    PART_N = BN // N_PARTS
+    PART_ACC = PART_N // 2
+    ACC = BN // 2
+    ACC_DTYPE = "float32" if op is FP16 else "uint32"
+    WGMMA = (f"wgmma.mma_async.sync.aligned.m64n{PART_N}k16.f32.f16.f16" if op is FP16
+             else f"wgmma.mma_async.sync.aligned.m64n{PART_N}k32.s32.s8.s8")
+    if S < 3 or BN % 128 or (op is FP16 and BN > 256):
+        raise ValueError(f"{cfg.name}: needs 3 or more stages and block_n a multiple of 128")
+
+    @T.macro
+    def copy_step(step, tx, m0, n0, M, X, W, smem):
+        """cp.async step `step` into its stage: thread t copies chunk t % 8 of rows t // 8 + 32 r;
+        the swizzled chunk depends on the row only through row % 8, which is t // 8 % 8."""
+        chunk = tx % 8
+        swizzled = T.bitwise_xor(chunk, tx // 8 % 8) * 16
+        k_chunk = step * 8 + chunk
+        for r in T.unroll(ROUNDS):
+            row = tx // 8 + r * ROWS_PER_ROUND
+            dst = smem.ptr_to([step % S * STAGE + row * WG_STEP_BYTES + swizzled])
+            k = T.min(k_chunk, K_CHUNKS - 1) * CHUNK
+            if r < A_ROUNDS:
+                skip = T.Cast("int32", T.Or(m0 + row >= M, k_chunk >= K_CHUNKS))
+                T.evaluate(_copy16_unless(dst, X.ptr_to([T.min(m0 + row, M - 1), k]), skip))
+            else:
+                skip = T.Cast("int32", T.Or(n0 + row - BM >= N, k_chunk >= K_CHUNKS))
+                T.evaluate(_copy16_unless(dst, W.ptr_to([T.min(n0 + row - BM, N - 1), k]), skip))
+
+    @T.macro
+    def issue_step(step, warpgroup, smem, a_desc, b_desc, acc):
+        """The step's 4 k-slices: descriptors of 128-byte-swizzled K-major tiles (stride 1024
+        bytes between 8-row groups; a k-slice starts 32 bytes further into each row)."""
+        T.evaluate(T.ptx["wgmma.fence.sync.aligned"]())
+        for j in T.unroll(SLICES):
+            base = step % S * STAGE + j * WG_SLICE_BYTES
+            T.evaluate(T.cuda.wgmma.encode_matrix_descriptor(
+                a_desc.ptr_to([0]), smem.ptr_to([base + warpgroup * 64 * WG_STEP_BYTES]), 1, 64, 3))
+            for p in T.unroll(N_PARTS):
+                T.evaluate(T.cuda.wgmma.encode_matrix_descriptor(
+                    b_desc.ptr_to([0]), smem.ptr_to([base + W_AT + p * PART_N * WG_STEP_BYTES]), 1, 64, 3))
+                if op is FP16:
+                    T.evaluate(T.ptx[WGMMA](*[acc[p * PART_ACC + i] for i in range(PART_ACC)],
+                                            a_desc[0], b_desc[0], True, 1, 1, 0, 0))
+                else:
+                    T.evaluate(T.ptx[WGMMA](*[acc[p * PART_ACC + i] for i in range(PART_ACC)],
+                                            a_desc[0], b_desc[0], True))
+        T.evaluate(T.ptx["wgmma.commit_group.sync.aligned"]())
+
+    @T.macro
+    def body(M, X, SX, W, SW, R, Y):
+
+        bx = T.launch_thread("blockIdx.x", -(-N // BN))
+        by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
+        tx = T.launch_thread("threadIdx.x", THREADS)
+        smem = T.alloc_buffer((S * STAGE,), "uint8", scope="shared.dyn")
+        a_desc = T.alloc_buffer((1,), "uint64", scope="local")
+        b_desc = T.alloc_buffer((1,), "uint64", scope="local")
+        acc = T.alloc_buffer((ACC,), ACC_DTYPE, scope="local")
+
+        m0 = by * BM
+        n0 = bx * BN
+        warpgroup = tx // 128
+        copy_args = (tx, m0, n0, M, X, W, smem)
+
+        for i in T.unroll(ACC):
+            acc[i] = T.Cast(ACC_DTYPE, 0)
+        for step in T.unroll(S - 2):
+            if step < STEPS:
+                copy_step(step, *copy_args)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+        for step in T.serial(STEPS):
+            T.evaluate(T.ptx["cp.async.wait_group"](S - 3))
+            T.evaluate(T.ptx["fence.proxy.async.shared::cta"]())
+            T.tvm_storage_sync("shared")
+            if step + S - 2 < STEPS:
+                copy_step(step + S - 2, *copy_args)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+            issue_step(step, warpgroup, smem, a_desc, b_desc, acc)
+            T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](1))
+        T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
+
+        # The accumulator of m64nBN: warp w of the warpgroup holds rows 16w .. 16w+15 in the
+        # mma.sync C layout, 8-column tile j at acc[4j .. 4j+3].
+        lane = tx % 32
+        for j in T.unroll(BN // 8):
+            for hh in T.unroll(2):
+                row = m0 + warpgroup * 64 + tx % 128 // 32 * 16 + lane // 4 + hh * 8
+                col = n0 + j * 8 + lane % 4 * 2
+                if row < M and col < N:
+                    for e in T.unroll(2):
+                        raw = acc[j * 4 + hh * 2 + e]
+                        total = raw if op is FP16 else T.reinterpret("int32", raw)
+                        value = _epilogue_value(op, total, row, col + e, SX, SW, True)
+                        if residual:
+                            Y[row, col + e] = T.Cast("float16", value + T.Cast("float32", R[row, col + e]))
+                        else:
+                            Y[row, col + e] = T.Cast("float16", value)
+
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
 # Building standalone CUDA libraries (tests, benchmarks)
 # ---------------------------------------------------------------------------------------------
 
@@ -404,20 +592,26 @@ def _cuda_body(op: Operand, N: int, K: int, residual: bool, cfg: DenseConfig):
 @dataclasses.dataclass(frozen=True)
 class DenseSpec:
     """One CUDA dense-GEMM library to build: ``op`` "fp16" or "int8", for ``archs``, with the
-    tiling `PROBE_CONFIGS[config]`."""
+    tiling `PROBE_CONFIGS[config]` (by default the one of the archs' variant)."""
 
     op: str
     archs: tuple[str, ...]
     N: int
     K: int
     residual: bool
-    config: str = "sm80"
+    config: str = ""
+
+    def tiling(self) -> str:
+        """The `PROBE_CONFIGS` key built: ``config``, or the variant of the archs' target."""
+        from deploy.targets import make_target
+
+        return self.config or variant_for(make_target("cuda", list(self.archs)))
 
     def function_name(self) -> str:
-        return kernel_name(FP16 if self.op == "fp16" else INT8, PROBE_CONFIGS[self.config], self.residual)
+        return kernel_name(FP16 if self.op == "fp16" else INT8, PROBE_CONFIGS[self.tiling()], self.residual)
 
     def file_name(self) -> str:
-        return f"{self.op}_{self.config}_{'-'.join(self.archs)}_N{self.N}_K{self.K}_r{int(self.residual)}.so"
+        return f"{self.op}_{self.tiling()}_{'-'.join(self.archs)}_N{self.N}_K{self.K}_r{int(self.residual)}.so"
 
 
 def build_dense_kernel(spec: DenseSpec, out_dir: str) -> str:
@@ -431,7 +625,7 @@ def build_dense_kernel(spec: DenseSpec, out_dir: str) -> str:
     cuda_build.enable_cuda_codegen()
     target = make_target("cuda", list(spec.archs))
     make = fp16_gemm if spec.op == "fp16" else int8_gemm
-    func = make(target, spec.N, spec.K, spec.residual, PROBE_CONFIGS[spec.config])
+    func = make(target, spec.N, spec.K, spec.residual, PROBE_CONFIGS[spec.tiling()])
     with cuda_build.use_nvcc_fatbin(list(spec.archs)):
         executable = tvm.compile(func, target)
     path = os.path.join(out_dir, spec.file_name())
