@@ -247,6 +247,16 @@ def use_nvcc_fatbin(archs: list[str], embed_ptx: bool = True) -> Iterator[NvccSt
             tvm_ffi.register_global_func(_COMPILE_HOOK, previous, override=True)
 
 
+def compile_cuda(func, archs) -> tvm.runtime.Executable:
+    """``tvm.compile`` of a PrimFunc (or IRModule) for CUDA ``archs``: the lowest arch's target,
+    SASS for every arch in one nvcc fatbin. Works without a GPU; call ``export_library`` on it."""
+    from deploy.targets import make_target
+
+    enable_cuda_codegen()
+    with use_nvcc_fatbin(list(archs)):
+        return tvm.compile(func, make_target("cuda", list(archs)))
+
+
 def _check_nvcc() -> None:
     """Fail before compiling anything if nvcc is missing or too old for sm_90a."""
     message = "nvcc not found: install the CUDA toolkit (nvcc >= 12.x) to build --target cuda"

@@ -37,18 +37,13 @@ def build_probe(spec: ProbeSpec, out_dir: str) -> str:
     """Compile one configuration for sm_90a (a module-level function, for the build workers)."""
     import os
 
-    import tvm
-
-    from atom_tvm import cuda_build
-    from deploy.targets import make_target
+    from atom_tvm.cuda_build import compile_cuda
     from tir_kernels.gemm_common import GemvConfig, w4a4_gemv_prim_func
     from tir_kernels.w4a4_gemm import W4A4Shape
 
-    cuda_build.enable_cuda_codegen()
     cfg = GemvConfig(f"gemv_w{spec.k_warps}u{spec.unroll}", spec.k_warps, spec.unroll)
     func = w4a4_gemv_prim_func(W4A4Shape(spec.N, spec.K, G, O), False, cfg)
-    with cuda_build.use_nvcc_fatbin(["sm_90a"]):
-        executable = tvm.compile(func, make_target("cuda", ["sm_90a"]))
+    executable = compile_cuda(func, ["sm_90a"])
     path = os.path.join(out_dir, f"gemv_w{spec.k_warps}u{spec.unroll}_N{spec.N}_K{spec.K}.so")
     executable.export_library(path)
     return path

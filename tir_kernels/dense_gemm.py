@@ -39,9 +39,9 @@ Variants, chosen from the target by `fp16_gemm` / `int8_gemm`:
   tile in the 128-byte swizzle wgmma reads without bank conflicts (16-byte chunk c of row r at
   chunk ``c ^ (r % 8)``); two warpgroups of 64 rows x 256 columns each issue 4 k-slices per step
   (``m64n256k16 f16`` or twice ``m64n128k32 s8``) and wait only for the previous step's. The
-  same tiles in wgmma's unswizzled core-matrix layout ran at a third of this speed. Below
-  `WgmmaDenseConfig.min_m` rows (few blocks of 128 x 256) the PrimFunc launches the ``sm80``
-  kernel instead.
+  same tiles in wgmma's unswizzled core-matrix layout ran at a third of this speed. The tile
+  is chosen at run time by M (`SM90A`'s tiers: 128x256, 128x128, or 64x128 blocks of one
+  warpgroup), so that small M still spreads over the SMs.
 """
 
 from __future__ import annotations
@@ -102,8 +102,6 @@ class WgmmaDenseConfig:
     block_n: int
     stages: int
     warpgroups: int = 2
-    #: Fewer rows than this run the mma.sync kernel (`SM80`) instead; 0: wgmma for every M.
-    min_m: int = 0
 
     @property
     def block_m(self) -> int:
@@ -119,16 +117,31 @@ class WgmmaDenseConfig:
 #: barrier every 2 steps, so 2 barrier blocks are in flight while one is computed. On the H200 it
 #: beat 4 warps of 64x64 by 2-4 % (fp16) and 7-10 % (int8) at 4096x4096, M = 1024 and 4096.
 SM80 = DenseConfig("sm80", 128, 128, 2, 4, 6, False, 2)
-#: sm_90a: 128x256 blocks of two warpgroups, 4 stages of 48 KiB (2 copied ahead).
-SM90A = WgmmaDenseConfig("sm90a", 256, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTiers:
+    """Kernels chosen at run time by M: each tier ``(min_m, config)`` runs from ``min_m`` rows up
+    to the next tier's (tiers in decreasing ``min_m``, the last from 0); one PrimFunc, one CUDA
+    kernel per tier."""
+
+    name: str
+    tiers: tuple[tuple[int, WgmmaDenseConfig], ...]
+
+
+#: sm_90a by M (H100 probe, docs/bench/gemm.md): 128x256 blocks of two warpgroups (4 stages of
+#: 48 KiB, 2 copied ahead) from 1024 rows; 128x128 (6 stages) from 384, where 128x256 leaves SMs
+#: idle; 64x128 blocks of one warpgroup below, which at M = 16-128 run 2-3x the 128x256 speed.
+SM90A = RowTiers("sm90a", ((1024, WgmmaDenseConfig("sm90a_m128n256", 256, 4)),
+                           (384, WgmmaDenseConfig("sm90a_m128n128", 128, 6)),
+                           (0, WgmmaDenseConfig("sm90a_m64n128", 128, 6, warpgroups=1))))
 #: Alternatives the benchmark probes (`bench/gemm.py --probe`): 4 warps of 64x64, and a barrier
 #: per step with 5 steps in flight.
 PROBE_CONFIGS = {
     "sm80": SM80,
     "sm90a": SM90A,
-    "sm90a_n128": WgmmaDenseConfig("sm90a_n128", 128, 6),
+    **{cfg.name: cfg for _, cfg in SM90A.tiers},
     "sm90a_s3": WgmmaDenseConfig("sm90a_s3", 256, 3),
-    "sm90a_m64": WgmmaDenseConfig("sm90a_m64", 128, 6, warpgroups=1),
     "sm80_w4": DenseConfig("sm80_w4", 128, 128, 2, 2, 6, False, 2),
     "sm80_s1": DenseConfig("sm80_s1", 128, 128, 2, 4, 6, False, 1),
 }
@@ -222,21 +235,31 @@ def _dense_gemm(op: Operand, target, N: int, K: int, residual: bool, cfg) -> tvm
     if variant == "cpu":
         return _with_signature(op, N, K, residual, _cpu_body(op, N, K, residual), f"{op.name}_gemm_cpu")
     cfg = cfg or PROBE_CONFIGS[variant]
-    if not isinstance(cfg, WgmmaDenseConfig):
-        return _with_signature(op, N, K, residual, _cuda_body(op, N, K, residual, cfg), kernel_name(op, cfg, residual))
-    wgmma = _wgmma_body(op, N, K, residual, cfg)
-    if not cfg.min_m:
-        return _with_signature(op, N, K, residual, wgmma, kernel_name(op, cfg, residual))
-    mma_sync = _cuda_body(op, N, K, residual, SM80)
+    if isinstance(cfg, DenseConfig):
+        kernel = _cuda_body(op, N, K, residual, cfg)
+    elif isinstance(cfg, WgmmaDenseConfig):
+        kernel = _wgmma_body(op, N, K, residual, cfg)
+    else:
+        kernel = _by_rows([(min_m, _wgmma_body(op, N, K, residual, tier)) for min_m, tier in cfg.tiers])
+    return _with_signature(op, N, K, residual, kernel, kernel_name(op, cfg, residual))
+
+
+def _by_rows(tiers):
+    """The macro that runs the first kernel of ``tiers`` ((min_m, kernel), decreasing min_m) whose
+    min_m <= M."""
+    (min_m, first), rest = tiers[0], tiers[1:]
+    if not rest:
+        return first
+    others = _by_rows(rest)
 
     @T.macro
     def by_rows(M, X, SX, W, SW, R, Y):
-        if M >= cfg.min_m:
-            wgmma(M, X, SX, W, SW, R, Y)
+        if M >= min_m:
+            first(M, X, SX, W, SW, R, Y)
         else:
-            mma_sync(M, X, SX, W, SW, R, Y)
+            others(M, X, SX, W, SW, R, Y)
 
-    return _with_signature(op, N, K, residual, by_rows, kernel_name(op, cfg, residual))
+    return by_rows
 
 
 def kernel_name(op: Operand, cfg: DenseConfig, residual: bool) -> str:
@@ -619,15 +642,12 @@ def build_dense_kernel(spec: DenseSpec, out_dir: str) -> str:
     `gemm_common.build_kernels(..., build=build_dense_kernel)`."""
     import os
 
-    from atom_tvm import cuda_build
+    from atom_tvm.cuda_build import compile_cuda
     from deploy.targets import make_target
 
-    cuda_build.enable_cuda_codegen()
-    target = make_target("cuda", list(spec.archs))
     make = fp16_gemm if spec.op == "fp16" else int8_gemm
-    func = make(target, spec.N, spec.K, spec.residual, PROBE_CONFIGS[spec.tiling()])
-    with cuda_build.use_nvcc_fatbin(list(spec.archs)):
-        executable = tvm.compile(func, target)
+    func = make(make_target("cuda", list(spec.archs)), spec.N, spec.K, spec.residual, PROBE_CONFIGS[spec.tiling()])
+    executable = compile_cuda(func, spec.archs)
     path = os.path.join(out_dir, spec.file_name())
     executable.export_library(path)
     return path

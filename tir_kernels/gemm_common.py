@@ -977,16 +977,13 @@ def build_kernel(spec: KernelSpec, out_dir: str) -> str:
     """Compile ``spec`` with nvcc (SASS for each arch, PTX of the lowest) and export it."""
     import os
 
-    from atom_tvm import cuda_build
+    from atom_tvm.cuda_build import compile_cuda
     from deploy.targets import make_target
     from tir_kernels.w4a4_gemm import w4a4_gemm, w4a4_gemv
 
-    cuda_build.enable_cuda_codegen()
-    target = make_target("cuda", list(spec.archs))
     make = w4a4_gemm if spec.kind == "gemm" else w4a4_gemv
-    func = make(target, spec.N, spec.K, spec.G, spec.O, spec.residual)
-    with cuda_build.use_nvcc_fatbin(list(spec.archs)):
-        executable = tvm.compile(func, target)
+    func = make(make_target("cuda", list(spec.archs)), spec.N, spec.K, spec.G, spec.O, spec.residual)
+    executable = compile_cuda(func, spec.archs)
     path = os.path.join(out_dir, spec.file_name())
     executable.export_library(path)
     return path

@@ -285,15 +285,13 @@ def build(func: tirx.PrimFunc, variant: str, archs: tuple[str, ...] = ("sm_90a",
     CUDA builds go through nvcc into a fatbin for ``archs`` and work on a host without a GPU
     (see `atom_tvm.cuda_build`). Returns TVM's executable; call ``exe[func_name](*tensors)``.
     """
-    from atom_tvm.cuda_build import enable_cuda_codegen, use_nvcc_fatbin
+    from atom_tvm.cuda_build import compile_cuda
 
     if variant == "cpu":
         return tvm.compile(func, make_target("llvm", []))
     if variant != "cuda":
         raise UserError(f"unknown kernel variant {variant!r}: choose from {', '.join(VARIANTS)}")
-    enable_cuda_codegen()
-    with use_nvcc_fatbin(list(archs)):
-        return tvm.compile(func, make_target("cuda", list(archs)))
+    return compile_cuda(func, archs)
 
 
 # ---------------------------------------------------------------------------------------------
