@@ -135,8 +135,9 @@ class RowTiers:
 SM90A = RowTiers("sm90a", ((1024, WgmmaDenseConfig("sm90a_m128n256", 256, 4)),
                            (384, WgmmaDenseConfig("sm90a_m128n128", 128, 6)),
                            (0, WgmmaDenseConfig("sm90a_m64n128", 128, 6, warpgroups=1))))
-#: Alternatives the benchmark probes (`bench/gemm.py --probe`): 4 warps of 64x64, and a barrier
-#: per step with 5 steps in flight.
+#: What the benchmark probes (`bench/gemm.py --probe`): the variants' defaults, each sm90a tier
+#: alone, 128x256 with 3 stages, and for sm80 4 warps of 64x64 and a barrier per step with 5 steps
+#: in flight.
 PROBE_CONFIGS = {
     "sm80": SM80,
     "sm90a": SM90A,
@@ -262,7 +263,7 @@ def _by_rows(tiers):
     return by_rows
 
 
-def kernel_name(op: Operand, cfg: DenseConfig, residual: bool) -> str:
+def kernel_name(op: Operand, cfg, residual: bool) -> str:
     """``<fp16|int8>_gemm_<config>[_residual]``: the PrimFunc's global symbol."""
     return f"{op.name}_gemm_{cfg.name}" + ("_residual" if residual else "")
 
@@ -416,7 +417,6 @@ def _cuda_body(op: Operand, N: int, K: int, residual: bool, cfg: DenseConfig):
 
     @T.macro
     def body(M, X, SX, W, SW, R, Y):
-
         bx = T.launch_thread("blockIdx.x", -(-N // BN))
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
         tx = T.launch_thread("threadIdx.x", THREADS)
@@ -518,8 +518,8 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
 
     @T.macro
     def copy_step(step, tx, m0, n0, M, X, W, smem):
-        """cp.async step `step` into its stage: thread t copies chunk t % 8 of rows t // 8 + 32 r;
-        the swizzled chunk depends on the row only through row % 8, which is t // 8 % 8."""
+        """cp.async step `step` into its stage: thread t copies chunk t % 8 of rows t // 8 + r
+        THREADS / 8; the swizzled chunk depends on the row only through row % 8, i.e. t // 8 % 8."""
         chunk = tx % 8
         swizzled = T.bitwise_xor(chunk, tx // 8 % 8) * 16
         k_chunk = step * 8 + chunk
@@ -556,7 +556,6 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
 
     @T.macro
     def body(M, X, SX, W, SW, R, Y):
-
         bx = T.launch_thread("blockIdx.x", -(-N // BN))
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
         tx = T.launch_thread("threadIdx.x", THREADS)
