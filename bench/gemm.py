@@ -249,10 +249,10 @@ def plot(result: dict, png: Path) -> None:
 
     shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), sharey=True)
+    tiling = result.get("dense_tiling", "sm80")  # JSONs from before the sm90a variant have none
     for ax, shape in zip(np.atleast_1d(axes), shapes):
         rows = [r for r in result["rows"] if r["shape"] == shape]
         ms = [r["M"] for r in rows]
-        tiling = result.get("dense_tiling", "sm80")
         for key, label, style in (("w4a4", "W4A4 (TVM, wgmma s8; gemv at M <= 16)", "-"), ("fp16", "cuBLAS fp16", "-"),
                                   ("int8", "cuBLAS int8", "-"), ("tvm_fp16", f"fp16 (TVM, {tiling})", "--"),
                                   ("tvm_int8", f"W8A8 int8 (TVM, {tiling})", "--")):

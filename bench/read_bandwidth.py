@@ -73,10 +73,10 @@ def build(job, out_dir: str) -> str:
     """Compile one (rows, row_bytes, pattern) reader for sm_90a (for `build_kernels`' workers)."""
     import os
 
-    from tir_kernels.quantize import build as build_kernel
+    from atom_tvm.cuda_build import compile_cuda
 
     rows, row_bytes, pattern = job
-    executable = build_kernel(read_kernel(rows, row_bytes, pattern), "cuda", ("sm_90a",))
+    executable = compile_cuda(read_kernel(rows, row_bytes, pattern), ["sm_90a"])
     path = os.path.join(out_dir, f"read_{rows}_{row_bytes}_{PATTERNS.index(pattern)}.so")
     executable.export_library(path)
     return path

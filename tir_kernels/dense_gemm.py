@@ -523,10 +523,10 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
         chunk = tx % 8
         swizzled = T.bitwise_xor(chunk, tx // 8 % 8) * 16
         k_chunk = step * 8 + chunk
+        k = T.min(k_chunk, K_CHUNKS - 1) * CHUNK
         for r in T.unroll(ROUNDS):
             row = tx // 8 + r * ROWS_PER_ROUND
             dst = smem.ptr_to([step % S * STAGE + row * WG_STEP_BYTES + swizzled])
-            k = T.min(k_chunk, K_CHUNKS - 1) * CHUNK
             if r < A_ROUNDS:
                 skip = T.Cast("int32", T.Or(m0 + row >= M, k_chunk >= K_CHUNKS))
                 T.evaluate(_copy16_unless(dst, X.ptr_to([T.min(m0 + row, M - 1), k]), skip))
