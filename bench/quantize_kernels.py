@@ -8,8 +8,11 @@ not counted.
 
 Timing: one build per kernel (M is dynamic), random non-zero inputs, several input/output sets
 used in turn so that consecutive calls do not find their data in L2 (60 MB on the H200), a
-warm-up, then the median over repeats of the mean time of a batch of back-to-back calls between
-two device synchronizations.
+warm-up, then two figures per row. ``gpu_us`` (what the bandwidth is computed from): the
+kernel's GPU time from the CUDA profiler, as `bench/gemm.py` times (needs torch), median over
+repeats of the mean over a batch of calls. ``wall_us``: wall-clock time per call of the same
+batches between two device synchronizations, which also counts the Python launch path and the
+gaps between launches (the only figure before session 8, and what the v1-v4 JSONs hold).
 
     python bench/quantize_kernels.py --json $OUT/quantize_kernels_h200.json
 
@@ -31,6 +34,7 @@ import tvm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gemm import gpu_time  # noqa: E402
 from tir_kernels import quantize as qk  # noqa: E402
 
 GROUP = 128
@@ -92,6 +96,12 @@ def main() -> int:
     args = parser.parse_args()
 
     dev = tvm.cuda(0) if args.variant == "cuda" else tvm.cpu(0)
+    torch = None
+    if args.variant == "cuda":
+        try:
+            import torch
+        except ImportError:
+            print("torch is not installed: timing by wall clock only (launch gaps included)", flush=True)
     archs = ()
     if args.variant == "cuda":
         major, minor = dev.compute_version.split(".")
@@ -136,30 +146,38 @@ def main() -> int:
             for args_ in sets:  # warm-up: module load, first-touch
                 kernel(*args_)
             dev.sync()
-            times = []
+            walls, gpus = [], []
             for _ in range(args.repeats):
                 dev.sync()
                 t0 = time.perf_counter()
                 for c in range(calls):
                     kernel(*sets[c % n_sets])
                 dev.sync()
-                times.append((time.perf_counter() - t0) / calls)
-            ms = statistics.median(times) * 1e3
-            gbps = moved / (ms * 1e-3) / 1e9
+                walls.append((time.perf_counter() - t0) / calls * 1e6)
+                if torch is not None:
+                    gpus.append(gpu_time(torch, lambda c: kernel(*sets[c % n_sets]), calls))
+            wall_us = statistics.median(walls)
+            gpu_us = statistics.median(gpus) if gpus else wall_us
+            gbps = moved / gpu_us / 1e3
             results.append({
                 "kernel": label, "rows": rows, "channels": k, "bytes_in": bytes_in,
-                "bytes_out": bytes_out, "ms": round(ms, 4), "gbps": round(gbps, 1),
+                "bytes_out": bytes_out, "gpu_us": round(gpu_us, 2) if gpus else None,
+                "wall_us": round(wall_us, 2), "gbps": round(gbps, 1),
                 "pct_of_copy": round(100 * gbps / args.copy_gbps, 1),
+                "wall_pct_of_copy": round(100 * moved / wall_us / 1e3 / args.copy_gbps, 1),
             })
-            print(f"  {label} M={rows} K={k}: {ms:.4f} ms, {gbps:.0f} GB/s", flush=True)
+            print(f"  {label} M={rows} K={k}: {gpu_us:.2f} us GPU, {wall_us:.2f} us wall, "
+                  f"{gbps:.0f} GB/s", flush=True)
             del sets
 
     device_name = dev.device_name if args.variant == "cuda" else "cpu"
-    print(f"\n{device_name}; % of {args.copy_gbps:.0f} GB/s copy bandwidth (bytes in + bytes out)")
-    print(f"{'kernel':<26} {'M':>6} {'K':>6} {'ms':>9} {'GB/s':>7} {'% copy':>7}")
+    timing = "GPU time (profiler)" if torch is not None else "wall time (no torch: no profiler)"
+    print(f"\n{device_name}; % of {args.copy_gbps:.0f} GB/s copy bandwidth (bytes in + bytes out), by {timing}")
+    print(f"{'kernel':<26} {'M':>6} {'K':>6} {'GPU us':>8} {'wall us':>8} {'GB/s':>7} {'% copy':>7} {'wall %':>7}")
     for r in results:
-        print(f"{r['kernel']:<26} {r['rows']:>6} {r['channels']:>6} {r['ms']:>9.4f} "
-              f"{r['gbps']:>7.0f} {r['pct_of_copy']:>6.1f}%")
+        gpu = f"{r['gpu_us']:>8.2f}" if r["gpu_us"] is not None else f"{'-':>8}"
+        print(f"{r['kernel']:<26} {r['rows']:>6} {r['channels']:>6} {gpu} {r['wall_us']:>8.2f} "
+              f"{r['gbps']:>7.0f} {r['pct_of_copy']:>6.1f}% {r['wall_pct_of_copy']:>6.1f}%")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
