@@ -181,22 +181,40 @@ def test_a_step_that_does_not_fit_is_refused_before_anything_changes(packages):
 
 def test_smollm2_int4_kv_perplexity_is_what_the_simulation_predicts(smollm2_dir, tmp_path):
     """The acceptance check on the real model: SmolLM2 (float32 weights) with the INT4 KV cache,
-    perplexity on held-out Wikipedia text against the quantizer's simulation of an INT4 KV cache,
-    same windows. The package quantizes float16-rounded K/V (see the module docstring), which
-    measured +0.37% over 16 windows of 512 tokens (16.859 vs 16.797); bound 1%."""
+    perplexity on held-out Wikipedia text against the quantizer's simulation of an INT4 KV cache
+    fed float16-rounded q, K and V as the package's cache is (see the module docstring), same
+    windows: the package must pay the INT4 cache's cost (simulation over float, +12% here), and
+    no more, to within a quarter of that cost.
+
+    Why not a tighter bound: perplexity over 768 tokens of an INT4 cache moves by about 1-2% when
+    K and V change by float rounding alone (codes flip at grid boundaries). Measured on SmolLM2
+    (3 / 16 windows of 256 tokens): the float32-fed simulation lies 1.6-2.2% below the
+    float16-fed one, and the package within -0.4% / +0.8% of the latter; the float32-fed
+    simulation also differs between CPUs (a 1% bound against it passed on an AMD EPYC and failed
+    on an Intel Xeon). A package that skipped the quantization (-11%) or broke it fails."""
     from cli import run_module
 
+    from atom_tvm.datasets import WIKIPEDIA, encode, load_text, token_windows
+    from atom_tvm.eval import hf_window_logits, perplexity
+
+    window, max_windows = 256, 3
     pkg = tmp_path / "smollm2-kv4"
     proc = run_module("atom_tvm.build", "--model", smollm2_dir, "--target", "llvm", "--quantization", "fp32",
-                      "--kv-cache", "int4", "-o", pkg, "--context-window-size", "256")
+                      "--kv-cache", "int4", "-o", pkg, "--context-window-size", str(window))
     assert proc.returncode == 0, proc.stderr
-    window = ["--window", "256", "--max-windows", "3"]
     results = {}
-    for name, args in (("package", ["--model", pkg]), ("simulation", ["--model", smollm2_dir, "--kv-bits", "4"]),
-                       ("float", ["--model", smollm2_dir])):
+    for name, model in (("package", pkg), ("float", smollm2_dir)):
         out = tmp_path / f"{name}.json"
-        proc = run_module("atom_tvm.eval", "ppl", *args, *window, "--json", out)
+        proc = run_module("atom_tvm.eval", "ppl", "--model", model, "--window", str(window),
+                          "--max-windows", str(max_windows), "--json", out)
         assert proc.returncode == 0, proc.stderr
         results[name] = json.loads(out.read_text())["ppl"]
-    assert results["simulation"] > results["float"]  # INT4 KV costs something on this model ...
-    assert abs(results["package"] / results["simulation"] - 1) < 0.01  # ... and the package pays just that
+    windows = token_windows(encode(smollm2_dir / "tokenizer.json", load_text(WIKIPEDIA, "test")), window, max_windows)
+    model = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
+    model.eval()
+    simulate(model, preset("fp16", kv_bits=4), progress=False)
+    _round_qkv_to_float16(model)
+    results["simulation"] = perplexity(hf_window_logits(model), windows, progress=False)["ppl"]
+    cost = results["simulation"] / results["float"] - 1
+    assert cost > 0.02, results  # INT4 KV costs something on this model ...
+    assert abs(results["package"] / results["simulation"] - 1) < cost / 4, results  # ... the package pays that
