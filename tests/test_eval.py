@@ -87,7 +87,10 @@ def test_simulated_presets_rank_sensibly(smollm2_dir, tmp_path, capsys):
         assert report["calibration"]["split"] == "train" and report["calibration"]["window_length"] == 128
         ppl[name] = report["ppl"]
     atom = [ppl["+outliers-int8"], ppl["+clip"]]
-    assert ppl["fp16"] < ppl["w8a8"] < min(atom) and max(atom) < ppl["w4a4-rtn"], ppl
+    # W8A8 is near-lossless: over these 128 tokens the sign of its difference from fp16 is noise
+    # (+ on an AMD EPYC, -0.5% on an Intel Xeon), so it is held to within 3% of fp16, not above it.
+    assert abs(ppl["w8a8"] / ppl["fp16"] - 1) < 0.03, ppl
+    assert max(ppl["fp16"], ppl["w8a8"]) < min(atom) and max(atom) < ppl["w4a4-rtn"], ppl
 def test_cli_errors(tmp_path, smollm2_dir, smollm2_fp32_package):
     text = tmp_path / "t.txt"
     text.write_text("Some words, but not many.")
