@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from atom_tvm.datasets import WIKIPEDIA, calibration_source, encode, load_text, token_windows
+from atom_tvm.datasets import WIKIPEDIA, calibration_source, held_out_windows
 from atom_tvm.errors import UserError, run_command
 from atom_tvm.package import write_json_atomic
 from atom_tvm.staging import atomic_output
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     configs = [row_config(name, args.group_size, args.n_outliers) for name in ROWS]
     for cfg in configs:
         cfg.validate()
-    windows = token_windows(encode(args.model / "tokenizer.json", load_text(args.text, "test")),
-                            args.window, args.eval_windows)
+    windows = held_out_windows(args.model, args.text, args.window, args.eval_windows)
     calib_text, calib_split = calibration_source(args.text)
     t0 = time.perf_counter()
     stats = calibrate(args.model, calib_text, calib_split, args.calib_windows, args.calib_window_length,

@@ -291,6 +291,12 @@ def token_windows(ids: np.ndarray, length: int, count: int | None = None, seed: 
     return windows[np.sort(np.random.default_rng(seed).choice(available, count, replace=False))]
 
 
+def held_out_windows(model_dir: str | Path, text: str | Path, length: int, count: int | None = None) -> np.ndarray:
+    """The first ``count`` windows of ``length`` tokens of ``text``'s test split (a plain file is read
+    whole), tokenized by ``model_dir``'s tokenizer: what perplexity is measured on."""
+    return token_windows(encode(Path(model_dir) / "tokenizer.json", load_text(text, "test")), length, count)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m atom_tvm.datasets", description=__doc__.split("\n")[0])
     parser.add_argument("source", choices=[WIKIPEDIA], help="corpus to export")

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from atom_tvm.datasets import WIKIPEDIA, calibration_source, encode, load_text, token_windows
+from atom_tvm.datasets import WIKIPEDIA, calibration_source, held_out_windows
 from atom_tvm.errors import UserError, run_command
 from atom_tvm.package import CHAT_CONFIG, read_chat_config, write_json_atomic
 from atom_tvm.quantization.calibrate import ProgressLine
@@ -116,8 +116,7 @@ def run_ppl(args: argparse.Namespace) -> dict:
         raise UserError(f"{model}: no such model directory; pass a Hugging Face directory or a package "
                         "from python -m atom_tvm.build")
     # The test split of a corpus (a plain file is read whole), tokenized before anything slow.
-    windows = token_windows(encode(model / "tokenizer.json", load_text(args.text, "test")),
-                            args.window, args.max_windows)
+    windows = held_out_windows(model, args.text, args.window, args.max_windows)
     report = {"model": str(model), "text": str(args.text), "window": args.window}
     if is_package(model):
         from atom_tvm.runtime.engine import ChatModel

@@ -102,15 +102,21 @@ def _round_qkv_to_float16(model) -> None:
     model.set_attn_implementation(name)
 
 
-def reference_logits(tiny_dir, kv_bits: int | None, ids: list[int], fp16_qkv: bool = False) -> np.ndarray:
-    model = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32)
+def reference_model(model_dir, kv_bits: int | None, fp16_qkv: bool = False):
+    """The float32 transformers model, its KV cache simulated at ``kv_bits`` (None: float), fed
+    float16-rounded q, K and V with ``fp16_qkv`` (what the package's cache receives)."""
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     model.eval()
     if kv_bits is not None:
         simulate(model, preset("fp16", kv_bits=kv_bits), progress=False)
     if fp16_qkv:
         _round_qkv_to_float16(model)
+    return model
+
+
+def reference_logits(tiny_dir, kv_bits: int | None, ids: list[int], fp16_qkv: bool = False) -> np.ndarray:
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].double().numpy()
+        return reference_model(tiny_dir, kv_bits, fp16_qkv)(torch.tensor([ids])).logits[0].double().numpy()
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp16"])
@@ -194,7 +200,7 @@ def test_smollm2_int4_kv_perplexity_is_what_the_simulation_predicts(smollm2_dir,
     on an Intel Xeon). A package that skipped the quantization (-11%) or broke it fails."""
     from cli import run_module
 
-    from atom_tvm.datasets import WIKIPEDIA, encode, load_text, token_windows
+    from atom_tvm.datasets import WIKIPEDIA, held_out_windows
     from atom_tvm.eval import hf_window_logits, perplexity
 
     window, max_windows = 256, 3
@@ -209,11 +215,8 @@ def test_smollm2_int4_kv_perplexity_is_what_the_simulation_predicts(smollm2_dir,
                           "--max-windows", str(max_windows), "--json", out)
         assert proc.returncode == 0, proc.stderr
         results[name] = json.loads(out.read_text())["ppl"]
-    windows = token_windows(encode(smollm2_dir / "tokenizer.json", load_text(WIKIPEDIA, "test")), window, max_windows)
-    model = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
-    model.eval()
-    simulate(model, preset("fp16", kv_bits=4), progress=False)
-    _round_qkv_to_float16(model)
+    windows = held_out_windows(smollm2_dir, WIKIPEDIA, window, max_windows)
+    model = reference_model(smollm2_dir, 4, fp16_qkv=True)
     results["simulation"] = perplexity(hf_window_logits(model), windows, progress=False)["ppl"]
     cost = results["simulation"] / results["float"] - 1
     assert cost > 0.02, results  # INT4 KV costs something on this model ...

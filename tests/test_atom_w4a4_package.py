@@ -129,7 +129,7 @@ def test_smollm2_package_perplexity_against_the_simulation(smollm2_dir, smollm2_
     """The package through `python -m atom_tvm.eval ppl`; the simulation through the same command's
     functions (the CLI has no switch for round-to-nearest weights), on the same windows, in float32 and,
     as the measure of what float16 alone does to a W4A4 model, in float16."""
-    from atom_tvm.datasets import WIKIPEDIA, encode, load_text, token_windows
+    from atom_tvm.datasets import WIKIPEDIA, held_out_windows
     from atom_tvm.eval import hf_window_logits, perplexity
     from atom_tvm.quantization.calibrate import calibrate, load_float_model
     from atom_tvm.quantization.simulate import preset, simulate
@@ -144,8 +144,7 @@ def test_smollm2_package_perplexity_against_the_simulation(smollm2_dir, smollm2_
     model = load_float_model(smollm2_dir, "cpu")
     stats = calibrate(smollm2_dir, WIKIPEDIA, "train", 2, 128, hessian=False, model=model)
     simulate(model, preset("atom-w4a4", group_size=64, gptq=False), stats, progress=False)
-    windows = token_windows(encode(smollm2_dir / "tokenizer.json", load_text(WIKIPEDIA, "test")), PPL_WINDOW,
-                            PPL_WINDOWS)
+    windows = held_out_windows(smollm2_dir, WIKIPEDIA, PPL_WINDOW, PPL_WINDOWS)
     simulation = perplexity(hf_window_logits(model), windows, progress=False)["ppl"]
     half_simulation = perplexity(hf_window_logits(model.half()), windows, progress=False)["ppl"]
     float16_effect = abs(half_simulation / simulation - 1)

@@ -67,12 +67,12 @@ def test_package_logits_in_prefill_chunks(smollm2_fp32_package):
 
 
 def test_simulated_presets_rank_sensibly(smollm2_dir, tmp_path, capsys):
-    from atom_tvm.datasets import encode, load_text, token_windows
+    from atom_tvm.datasets import held_out_windows
     from atom_tvm.eval import hf_window_logits
     from atom_tvm.quantization.calibrate import load_float_model
     from atom_tvm.quantization.simulate import preset, simulate
 
-    windows = token_windows(encode(smollm2_dir / "tokenizer.json", load_text("wikipedia", "test")), 64, 2)
+    windows = held_out_windows(smollm2_dir, "wikipedia", 64, 2)
     ppl = {}
     for name in ("fp16", "w8a8", "w4a4-rtn"):  # presets without calibration
         model = simulate(load_float_model(smollm2_dir), preset(name), progress=False)
