@@ -166,8 +166,8 @@ def main() -> int:
                 "pct_of_copy": round(100 * gbps / args.copy_gbps, 1),
                 "wall_pct_of_copy": round(100 * moved / wall_us / 1e3 / args.copy_gbps, 1),
             })
-            print(f"  {label} M={rows} K={k}: {gpu_us:.2f} us GPU, {wall_us:.2f} us wall, "
-                  f"{gbps:.0f} GB/s", flush=True)
+            gpu = f"{gpu_us:.2f} us GPU, " if gpus else ""
+            print(f"  {label} M={rows} K={k}: {gpu}{wall_us:.2f} us wall, {gbps:.0f} GB/s", flush=True)
             del sets
 
     device_name = dev.device_name if args.variant == "cuda" else "cpu"
