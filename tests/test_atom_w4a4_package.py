@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -105,6 +106,23 @@ def test_tiny_package_matches_the_simulation(tiny):
     distance = rel_l2(ours, sim)
     assert distance < 1.5 * half_spread, (distance, half_spread)
     assert distance < 0.75 * quant_error, (distance, quant_error)
+
+
+@pytest.mark.parametrize("archs", ["sm_90a", "sm_80,sm_89,sm_90a"])
+def test_tiny_package_builds_for_cuda(tiny, tmp_path, archs):
+    """The whole atom-w4a4 model in one nvcc module: on sm_90a alone the wgmma W4A4 GEMM, the
+    INT4 tensor-core decode attention and the quantizers all take dynamic shared memory, whose
+    `extern __shared__` arrays share one namespace in the module (two of the same name and
+    different types stopped nvcc once)."""
+    from atom_tvm.cuda_build import list_cuda_codes
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    _, _, ckpt, _ = tiny
+    out = tmp_path / "pkg"
+    build(["--model", str(ckpt), "--target", "cuda", "--arch", archs, "--quantization", "atom-w4a4",
+           "-o", str(out), "--context-window-size", "128"])
+    assert list_cuda_codes(out / "model-cuda.so")["sass"] == archs.split(",")
 
 
 # --- SmolLM2 ---------------------------------------------------------------------------------------

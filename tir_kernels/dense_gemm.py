@@ -517,7 +517,7 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
         raise ValueError(f"{cfg.name}: needs 3 or more stages and block_n a multiple of 128")
 
     @T.macro
-    def copy_step(step, tx, m0, n0, M, X, W, smem):
+    def copy_step(step, tx, m0, n0, M, X, W, dense_smem):
         """cp.async step `step` into its stage: thread t copies chunk t % 8 of rows t // 8 + r
         THREADS / 8; the swizzled chunk depends on the row only through row % 8, i.e. t // 8 % 8."""
         chunk = tx % 8
@@ -526,7 +526,7 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
         k = T.min(k_chunk, K_CHUNKS - 1) * CHUNK
         for r in T.unroll(ROUNDS):
             row = tx // 8 + r * ROWS_PER_ROUND
-            dst = smem.ptr_to([step % S * STAGE + row * WG_STEP_BYTES + swizzled])
+            dst = dense_smem.ptr_to([step % S * STAGE + row * WG_STEP_BYTES + swizzled])
             if r < A_ROUNDS:
                 skip = T.Cast("int32", T.Or(m0 + row >= M, k_chunk >= K_CHUNKS))
                 T.evaluate(_copy16_unless(dst, X.ptr_to([T.min(m0 + row, M - 1), k]), skip))
@@ -535,17 +535,17 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
                 T.evaluate(_copy16_unless(dst, W.ptr_to([T.min(n0 + row - BM, N - 1), k]), skip))
 
     @T.macro
-    def issue_step(step, warpgroup, smem, a_desc, b_desc, acc):
+    def issue_step(step, warpgroup, dense_smem, a_desc, b_desc, acc):
         """The step's 4 k-slices: descriptors of 128-byte-swizzled K-major tiles (stride 1024
         bytes between 8-row groups; a k-slice starts 32 bytes further into each row)."""
         T.evaluate(T.ptx["wgmma.fence.sync.aligned"]())
         for j in T.unroll(SLICES):
             base = step % S * STAGE + j * WG_SLICE_BYTES
             T.evaluate(T.cuda.wgmma.encode_matrix_descriptor(
-                a_desc.ptr_to([0]), smem.ptr_to([base + warpgroup * 64 * WG_STEP_BYTES]), 1, 64, 3))
+                a_desc.ptr_to([0]), dense_smem.ptr_to([base + warpgroup * 64 * WG_STEP_BYTES]), 1, 64, 3))
             for p in T.unroll(N_PARTS):
                 T.evaluate(T.cuda.wgmma.encode_matrix_descriptor(
-                    b_desc.ptr_to([0]), smem.ptr_to([base + W_AT + p * PART_N * WG_STEP_BYTES]), 1, 64, 3))
+                    b_desc.ptr_to([0]), dense_smem.ptr_to([base + W_AT + p * PART_N * WG_STEP_BYTES]), 1, 64, 3))
                 if op is FP16:
                     T.evaluate(T.ptx[WGMMA](*[acc[p * PART_ACC + i] for i in range(PART_ACC)],
                                             a_desc[0], b_desc[0], True, 1, 1, 0, 0))
@@ -559,7 +559,7 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
         bx = T.launch_thread("blockIdx.x", -(-N // BN))
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
         tx = T.launch_thread("threadIdx.x", THREADS)
-        smem = T.alloc_buffer((S * STAGE,), "uint8", scope="shared.dyn")
+        dense_smem = T.alloc_buffer((S * STAGE,), "uint8", scope="shared.dyn")
         a_desc = T.alloc_buffer((1,), "uint64", scope="local")
         b_desc = T.alloc_buffer((1,), "uint64", scope="local")
         acc = T.alloc_buffer((ACC,), ACC_DTYPE, scope="local")
@@ -567,7 +567,7 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
         m0 = by * BM
         n0 = bx * BN
         warpgroup = tx // 128
-        copy_args = (tx, m0, n0, M, X, W, smem)
+        copy_args = (tx, m0, n0, M, X, W, dense_smem)
 
         for i in T.unroll(ACC):
             acc[i] = T.Cast(ACC_DTYPE, 0)
@@ -582,7 +582,7 @@ def _wgmma_body(op: Operand, N: int, K: int, residual: bool, cfg: WgmmaDenseConf
             if step + S - 2 < STEPS:
                 copy_step(step + S - 2, *copy_args)
             T.evaluate(T.ptx["cp.async.commit_group"]())
-            issue_step(step, warpgroup, smem, a_desc, b_desc, acc)
+            issue_step(step, warpgroup, dense_smem, a_desc, b_desc, acc)
             T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](1))
         T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
 

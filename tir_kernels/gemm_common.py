@@ -566,15 +566,15 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
         if cfg.wgmma:
             # One dynamic allocation carved by hand: TVM's pass that merges several cannot follow
             # shared loads outside stores (the cp.async addresses, the scale words' lets).
-            smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
-            tile_a = T.decl_buffer((S * BM * STEP_BYTES,), "uint8", data=smem.data, scope="shared.dyn")
-            tile_w = T.decl_buffer((S * BN * STEP_BYTES // 4,), "uint32", data=smem.data,
+            w4a4_smem = T.alloc_buffer((SMEM_BYTES,), "uint8", scope="shared.dyn")
+            tile_a = T.decl_buffer((S * BM * STEP_BYTES,), "uint8", data=w4a4_smem.data, scope="shared.dyn")
+            tile_w = T.decl_buffer((S * BN * STEP_BYTES // 4,), "uint32", data=w4a4_smem.data,
                                    elem_offset=TILE_W_AT // 4, scope="shared.dyn")
-            wide = T.decl_buffer((2 * WIDE_HALF,), "uint32", data=smem.data, elem_offset=WIDE_AT // 4,
+            wide = T.decl_buffer((2 * WIDE_HALF,), "uint32", data=w4a4_smem.data, elem_offset=WIDE_AT // 4,
                                  scope="shared.dyn")
-            fscale = T.decl_buffer((2 * (BM + BN),), "float32", data=smem.data, elem_offset=FSCALE_AT // 4,
+            fscale = T.decl_buffer((2 * (BM + BN),), "float32", data=w4a4_smem.data, elem_offset=FSCALE_AT // 4,
                                    scope="shared.dyn")
-            scale_words = T.decl_buffer((S * (BM + BN),), "uint32", data=smem.data,
+            scale_words = T.decl_buffer((S * (BM + BN),), "uint32", data=w4a4_smem.data,
                                         elem_offset=SCALES_AT // 4, scope="shared.dyn")
             packed = T.alloc_buffer((4,), "uint32", scope="local")
             desc = T.alloc_buffer((1,), "uint64", scope="local")

@@ -1531,16 +1531,16 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             # buffers: as separate allocations TVM overlays them (it cannot see the asm accesses
             # to the rings and tiles), and a warp that finishes early would write its state over
             # a tile in use. Dynamic, because GQA's merge buffers take it past 48 KiB.
-            smem = T.alloc_buffer((RING_SIZE + PS_SIZE + 2 * _TC_WARPS * G + _TC_WARPS * G * D,),
+            attention_smem = T.alloc_buffer((RING_SIZE + PS_SIZE + 2 * _TC_WARPS * G + _TC_WARPS * G * D,),
                                   "float32", scope="shared.dyn")
-            ring = T.decl_buffer((RING_SIZE,), "uint32", data=smem.data, scope="shared.dyn")
-            ps = T.decl_buffer((PS_SIZE,), "float32", data=smem.data, elem_offset=RING_SIZE,
+            ring = T.decl_buffer((RING_SIZE,), "uint32", data=attention_smem.data, scope="shared.dyn")
+            ps = T.decl_buffer((PS_SIZE,), "float32", data=attention_smem.data, elem_offset=RING_SIZE,
                                scope="shared.dyn")
-            ms = T.decl_buffer((_TC_WARPS * G,), "float32", data=smem.data,
+            ms = T.decl_buffer((_TC_WARPS * G,), "float32", data=attention_smem.data,
                                elem_offset=RING_SIZE + PS_SIZE, scope="shared.dyn")
-            ls = T.decl_buffer((_TC_WARPS * G,), "float32", data=smem.data,
+            ls = T.decl_buffer((_TC_WARPS * G,), "float32", data=attention_smem.data,
                                elem_offset=RING_SIZE + PS_SIZE + _TC_WARPS * G, scope="shared.dyn")
-            accs = T.decl_buffer((_TC_WARPS * G, D), "float32", data=smem.data,
+            accs = T.decl_buffer((_TC_WARPS * G, D), "float32", data=attention_smem.data,
                                  elem_offset=RING_SIZE + PS_SIZE + 2 * _TC_WARPS * G, scope="shared.dyn")
             qf = T.alloc_local((PAIRS,), "uint32")
             qsum = T.alloc_local((2,), "float32")
