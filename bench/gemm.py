@@ -12,8 +12,10 @@ is larger than a decode GEMV, does not count. Every call reads a different copy 
 
 What is timed: the GEMM alone on operands already in their formats (pre-quantized INT4/INT8
 codes and scales for W4A4; fp16 for cuBLAS fp16; int8 for torch._int_mm, whose int32 output
-is not rescaled). W4A4 runs `w4a4_gemv` for M <= 16 (both kernels are timed there) and
-`w4a4_gemm` above. torch._int_mm needs M > 16, so its M <= 16 rows run 32 padded rows.
+is not rescaled). W4A4 is `w4a4_linear`, what the models call (the gemv kernel up to
+`gemv_max_m` rows, the tiled kernel above, chosen at run time); up to `SPLIT_ROWS` rows the two
+kernels are also timed alone (`gemv_us`, `gemm_us`), which shows where one overtakes the other.
+torch._int_mm needs M > 16, so its M <= 16 rows run 32 padded rows.
 The dense kernels of `tir_kernels.dense_gemm` (the baselines' fp16 and W8A8 GEMMs) run on the
 same fp16 / int8 operands as cuBLAS, the int8 one with its per-token and per-channel scales
 applied (cuBLAS int8 returns raw int32). ``--probe`` also times the tilings of
@@ -38,6 +40,8 @@ SHAPES = [("4096x4096", 4096, 4096), ("llama2-7b up/gate", 11008, 4096), ("llama
 ROWS = (1, 16, 128, 512, 1024, 4096)
 G, O = 128, 128
 ARCHS = ("sm_90a",)
+#: Up to this M both W4A4 kernels are also timed on their own.
+SPLIT_ROWS = 128
 ROTATE_BYTES = 256 << 20
 #: Device-to-device copy bandwidth measured on the H200 (docs/bench/quantize_kernels.md): the
 #: yardstick for the decode rows, whose cost is streaming the weight bytes once.
@@ -84,9 +88,10 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
 
     from tir_kernels.dense_gemm import PROBE_CONFIGS, DenseSpec, build_dense_kernel
     from tir_kernels.gemm_common import KernelSpec, build_kernels
+    from tir_kernels.w4a4_gemm import gemv_max_m
 
     specs = {(label, kind): KernelSpec(kind, ARCHS, N, K, G, O, False)
-             for label, N, K in SHAPES for kind in ("gemm", "gemv")}
+             for label, N, K in SHAPES for kind in ("linear", "gemm", "gemv")}
     # "": the tiling the target's variant gets (the table's columns); the others are probes.
     configs = ["", *PROBE_CONFIGS] if probe else [""]
     dense = {(label, op, config): DenseSpec(op, ARCHS, N, K, False, config)
@@ -115,15 +120,14 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
             tvm_w = [[tvm.runtime.from_dlpack(t) for t in w] for w in weights]
             tvm_y = tvm.runtime.from_dlpack(y)
             row = {"shape": label, "M": M, "N": N, "K": K, "O": O, "G": G}
-            kinds = ("gemv", "gemm") if M <= 16 else ("gemm",)
+            kinds = ("linear", "gemv", "gemm") if M <= SPLIT_ROWS else ("linear",)
             for kind in kinds:
                 func = funcs[(label, kind)]
                 row[f"{kind}_us"] = gpu_time(
                     torch, lambda i: func(*tvm_act[:4], *tvm_w[i % len(tvm_w)], tvm_y), iters)
-            row["w4a4_us"] = min(row[f"{kind}_us"] for kind in kinds)
+            row["w4a4_us"] = row["linear_us"]
             if M in (16, 128):
-                kind = "gemv" if M == 16 else "gemm"
-                row["checked"] = check(torch, funcs[(label, kind)], act, weights[0], N, K)
+                row["checked"] = check(torch, funcs[(label, "linear")], act, weights[0], N, K)
             x16 = torch.randn(M, K, device="cuda", dtype=torch.float16)
             row["fp16_us"] = gpu_time(torch, lambda i: torch.matmul(x16, fp16_w[i % len(fp16_w)].T), iters)
             x8 = torch.randint(-127, 128, (max(M, 32), K), device="cuda", dtype=torch.int8)
@@ -160,7 +164,9 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
             print(f"{label:18s} M={M:5d} w4a4 {row['w4a4_us']:9.2f} us  fp16 {row['fp16_us']:9.2f} us"
                   f"  int8 {row['int8_us']:9.2f} us", flush=True)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": COPY_GBPS,
-            "G": G, "O": O, "dense_tiling": dense[(SHAPES[0][0], "fp16", "")].tiling(), "rows": rows,
+            "G": G, "O": O, "gemv_max_m": {label: gemv_max_m(N) for label, N, _ in SHAPES},
+            "dense_tiling": dense[(SHAPES[0][0], "fp16", "")].tiling(),
+            "rows": rows,
             "probes": probes}
 
 
@@ -237,6 +243,14 @@ def print_table(result: dict) -> None:
         print(f"| {r['shape']} | {r['M']} | {r['tvm_fp16_us']:.1f} | {r['tvm_fp16_tops']:.0f} "
               f"| {r['tvm_fp16_vs_cublas']:.0%} | {r['tvm_int8_us']:.1f} | {r['tvm_int8_tops']:.0f} "
               f"| {r['tvm_int8_vs_cublas']:.0%} |")
+    split = [r for r in result["rows"] if "gemv_us" in r and "linear_us" in r]
+    if split:
+        limits = ", ".join(f"{shape} {m}" for shape, m in result["gemv_max_m"].items())
+        print(f"\nW4A4 kernels alone (w4a4_linear runs the gemv up to M = {limits})")
+        print("| shape | M | linear us | gemv us | gemm us |")
+        print("|" + "---|" * 5)
+        for r in split:
+            print(f"| {r['shape']} | {r['M']} | {r['linear_us']:.1f} | {r['gemv_us']:.1f} | {r['gemm_us']:.1f} |")
     for p in result.get("probes", []):
         print(f"probe {p['config']:8s} {p['op']} {p['shape']} M={p['M']}: {p['us']:.1f} us, {p['tops']:.0f} TOPS")
 
@@ -253,7 +267,7 @@ def plot(result: dict, png: Path) -> None:
     for ax, shape in zip(np.atleast_1d(axes), shapes):
         rows = [r for r in result["rows"] if r["shape"] == shape]
         ms = [r["M"] for r in rows]
-        for key, label, style in (("w4a4", "W4A4 (TVM, wgmma s8; gemv at M <= 16)", "-"), ("fp16", "cuBLAS fp16", "-"),
+        for key, label, style in (("w4a4", "W4A4 (TVM: gemv, then wgmma s8)", "-"), ("fp16", "cuBLAS fp16", "-"),
                                   ("int8", "cuBLAS int8", "-"), ("tvm_fp16", f"fp16 (TVM, {tiling})", "--"),
                                   ("tvm_int8", f"W8A8 int8 (TVM, {tiling})", "--")):
             if f"{key}_tops" in rows[0]:

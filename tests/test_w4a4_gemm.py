@@ -32,6 +32,7 @@ from tir_kernels.w4a4_gemm import (
     W4A4Shape,
     atom_args,
     reference_from_atom,
+    gemv_max_m,
     variant_for,
     w4a4_gemm,
     w4a4_gemm_reference,
@@ -269,15 +270,17 @@ def sass_of(lib: Path, arch: str) -> str:
 @pytest.mark.parametrize(
     "kind, archs, int4_mma, int8_mma",
     [("gemm", ("sm_80", "sm_89"), 16, "IMMA.16832.S8.S8"), ("gemm", ("sm_90",), 0, "IMMA.16832.S8.S8"),
-     ("gemm", ("sm_90a",), 0, "IGMMA.64x128x32.S8.S8"), ("gemv", ("sm_90a",), 0, "IMMA.16832.S8.S8")],
-    ids=["sm80_int4", "sm90_int8", "sm90_wgmma", "gemv"],
+     ("gemm", ("sm_90a",), 0, "IGMMA.64x128x32.S8.S8"), ("gemv", ("sm_90a",), 0, "IMMA.16832.S8.S8"),
+     ("linear", ("sm_90a",), 0, "IGMMA.64x128x32.S8.S8")],
+    ids=["sm80_int4", "sm90_int8", "sm90_wgmma", "gemv", "linear"],
 )
 def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma, int8_mma):
     """Each variant compiles to SASS for its archs. sm80_int4 runs the INT4 groups on the native
     IMMA.16864.S4 (16 per step: a 64x32 warp tile) and only the outliers on INT8 IMMA; Hopper
     never touches the emulated INT4 IMMA (sm_90a: warpgroup IGMMA, sm_90: mma.sync IMMA). The
     tiled kernels convert group sums through the float-magic FADD; the gemv's float chain is a
-    few I2F per output and piece, and stays. No variant spills to local memory."""
+    few I2F per output and piece, and stays. The linear function holds both the gemv and the
+    wgmma kernel. No variant spills to local memory."""
     spec = KernelSpec(kind, archs, 576, 1536, 64, 128, True)
     lib = Path(build_kernel(spec, str(tmp_path)))
     assert cuda_build.list_cuda_codes(lib) == {"sass": list(archs), "ptx": [archs[0]]}
@@ -287,6 +290,8 @@ def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma, in
     assert "LDL" not in sass and "STL" not in sass
     if kind == "gemm":
         assert "I2F" not in sass
+    if kind == "linear":
+        assert "IMMA.16832.S8.S8" in sass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,18 +301,27 @@ def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma, in
 _ROWS = {"gemm": (1, 7, 16, 33, 128, 1000), "gemv": (1, 2, 7, 16)}
 
 
+def _linear_rows(N: int) -> tuple[int, ...]:
+    """Both of `w4a4_linear`'s kernels: 1 and 7 rows, and either side of its switch."""
+    return 1, 7, gemv_max_m(N), gemv_max_m(N) + 1
+
+
 def _gpu_cases():
     for kind, archs in (("gemm", ("sm_90a",)), ("gemm", ("sm_90",)), ("gemm", ("sm_80", "sm_90a")),
-                        ("gemv", ("sm_90a",))):
+                        ("gemv", ("sm_90a",)), ("linear", ("sm_90a",))):
         for (N, K, G), big in [(nkg, False) for nkg in SMOLLM2] + [(nkg, True) for nkg in LLAMA2_7B]:
             for O in (0, 128):
                 if archs == ("sm_90",) and (N, K, O) not in ((576, 1536, 128), (4096, 11008, 0)):
                     continue  # plain sm_90 (mma.sync) shares all but the tensor step with sm_80: two shapes
-                rows = (1, 16, 128) if big and kind == "gemm" else _ROWS[kind]
+                if kind == "linear":
+                    rows = _linear_rows(N)
+                else:
+                    rows = (1, 16, 128) if big and kind == "gemm" else _ROWS[kind]
                 yield KernelSpec(kind, archs, N, K, G, O, residual=O == 128), rows
         # 256 outliers: sums up to exactly 2^22 (the magic conversion's edge); 384: the I2F path.
         for O in (256, 384):
-            yield KernelSpec(kind, archs, 256, 640 if O == 256 else 768, 128, O, residual=True), _ROWS[kind]
+            yield (KernelSpec(kind, archs, 256, 640 if O == 256 else 768, 128, O, residual=True),
+                   _linear_rows(256) if kind == "linear" else _ROWS[kind])
 
 
 GPU_CASES = list(_gpu_cases())

@@ -232,6 +232,30 @@ def fragment_loader(cfg: TileConfig):
 
 def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tvm.tirx.PrimFunc:
     """The W4A4 GEMM of `tir_kernels.w4a4_gemm` as one CUDA kernel with configuration ``cfg``."""
+    return _entry_point(_tiled_body(shape, residual, cfg), shape, residual, kernel_name(cfg, residual))
+
+
+def w4a4_linear_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig, gemv_max_m: int,
+                          gemv: "GemvConfig | None" = None) -> tvm.tirx.PrimFunc:
+    """Both kernels in one PrimFunc, chosen at run time by M: the decode kernel (`gemv`, default
+    `GEMV`) for M <= ``gemv_max_m``, the tiled kernel ``cfg`` above. For graphs whose M is only known
+    at run time (batched decode: M is the batch), which would otherwise run the tiled kernel's
+    128-row tiles for a handful of rows."""
+    small = _gemv_body(shape, residual, gemv or GEMV)
+    large = _tiled_body(shape, residual, cfg)
+
+    @T.macro
+    def by_rows(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
+        if M <= gemv_max_m:
+            small(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+        else:
+            large(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+
+    return _entry_point(by_rows, shape, residual, kernel_name(cfg, residual, "linear"))
+
+
+def _tiled_body(shape: W4A4Shape, residual: bool, cfg: TileConfig):
+    """The tiled kernel's body macro (see `_entry_point`)."""
     check_cuda_shape(shape)
     N, O, G = shape.N, shape.O, shape.G
     BM, BN, S, THREADS = cfg.block_m, cfg.block_n, cfg.stages, cfg.threads
@@ -553,12 +577,7 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
             isum[i] = T.uint32(MAGIC)
 
     @T.macro
-    def body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
-        M = T.int32()
-        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
-        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
-        Y = T.match_buffer(y, (M, N), "float16")
-        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+    def body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
 
         bx = T.launch_thread("blockIdx.x", -(-N // BN))
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
@@ -675,33 +694,46 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
                     else:
                         Y[row, col + e] = T.Cast("float16", value)
 
-    return _entry_point(body, residual, kernel_name(cfg, residual))
+    return body
 
 
-def _entry_point(body, residual: bool, name: str) -> tvm.tirx.PrimFunc:
-    """The kernel's PrimFunc around its body macro: the eight operands, ``res`` when built with a
-    residual, and ``y`` (without a residual the body gets ``y`` twice and never reads it as one)."""
+def _entry_point(body, shape: W4A4Shape, residual: bool, name: str) -> tvm.tirx.PrimFunc:
+    """The kernel's PrimFunc around its body macro ``body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R,
+    Y)``: the eight operands, ``res`` when built with a residual, and ``y`` (without a residual the
+    body gets ``Y`` as ``R`` and never reads it as one)."""
+    N = shape.N
+
+    @T.macro
+    def matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
+        M = T.int32()
+        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
+        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
+        Y = T.match_buffer(y, (M, N), "float16")
+        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+        body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+
     if residual:
 
         @T.prim_func
         def w4a4_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
                           w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
                           res: T.handle, y: T.handle):
-            body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
+            matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
 
         return w4a4_residual.with_attr("global_symbol", name)
 
     @T.prim_func
     def w4a4(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
              w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
-        body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
+        matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
 
     return w4a4.with_attr("global_symbol", name)
 
 
-def kernel_name(cfg, residual: bool) -> str:
-    """``w4a4_<config>[_residual]``: the PrimFunc's global symbol (and its CUDA kernel's prefix)."""
-    return f"w4a4_{cfg.name}" + ("_residual" if residual else "")
+def kernel_name(cfg, residual: bool, kind: str = "") -> str:
+    """``w4a4_[<kind>_]<config>[_residual]``: the PrimFunc's global symbol (and its CUDA kernels'
+    prefix); `w4a4_linear_prim_func`'s carry ``kind`` "linear" and the tiled configuration's name."""
+    return "_".join(["w4a4", *([kind] if kind else []), cfg.name]) + ("_residual" if residual else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,7 +772,12 @@ GEMV = GemvConfig("gemv", 8, 2)
 
 
 def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV) -> tvm.tirx.PrimFunc:
-    """The W4A4 GEMM for M <= 16 (decode): weights streamed from global memory into registers.
+    """The decode kernel (`_gemv_body`) as its own PrimFunc."""
+    return _entry_point(_gemv_body(shape, residual, cfg), shape, residual, kernel_name(cfg, residual))
+
+
+def _gemv_body(shape: W4A4Shape, residual: bool, cfg: GemvConfig):
+    """The W4A4 GEMM for small M (decode): weights streamed from global memory into registers.
 
     At M <= 16 the cost is the weight bytes, so the kernel is built around keeping many of them
     in flight, with no shared-memory staging of W at all. K is cut into *pieces* of one group's
@@ -861,12 +898,7 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
         scales[slot * 32 + lane] = T.Select(T.And(lane >= 16, piece < GROUPS), value * T.float32(INT4_SCALE), value)
 
     @T.macro
-    def body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
-        M = T.int32()
-        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
-        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
-        Y = T.match_buffer(y, (M, N), "float16")
-        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+    def body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
 
         bx = T.launch_thread("blockIdx.x", N // BN)
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, 16))
@@ -899,6 +931,10 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
         for pair in T.serial(-(-ROUNDS // 2)):
             for par in T.unroll(2):
                 r = pair * 2 + par
+                # TVM's sync planner cannot tell the double buffers' halves apart and would put a
+                # barrier here itself; written out, the kernel can also sit in a run-time branch
+                # (`w4a4_linear_prim_func`), where the planner may not insert one.
+                T.tvm_storage_sync("shared")
                 if r < ROUNDS:
                     # Next round's bytes into the other register set, before this round's use.
                     for u in T.unroll(U):
@@ -938,7 +974,7 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
                 else:
                     Y[m0 + row, n0 + col] = T.Cast("float16", acc[j])
 
-    return _entry_point(body, residual, kernel_name(cfg, residual))
+    return body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -948,7 +984,8 @@ def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    """One CUDA W4A4 library to build: ``kind`` "gemm" or "gemv", for ``archs``."""
+    """One CUDA W4A4 library to build: ``kind`` "gemm" (`w4a4_gemm`), "gemv" (`w4a4_gemv`) or
+    "linear" (`w4a4_linear`), for ``archs``."""
 
     kind: str
     archs: tuple[str, ...]
@@ -966,7 +1003,7 @@ class KernelSpec:
 
     def function_name(self) -> str:
         """The PrimFunc's name in the built library."""
-        return kernel_name(self.config(), self.residual)
+        return kernel_name(self.config(), self.residual, "linear" if self.kind == "linear" else "")
 
     def file_name(self) -> str:
         tag = "-".join(self.archs)
@@ -979,9 +1016,9 @@ def build_kernel(spec: KernelSpec, out_dir: str) -> str:
 
     from atom_tvm.cuda_build import compile_cuda
     from deploy.targets import make_target
-    from tir_kernels.w4a4_gemm import w4a4_gemm, w4a4_gemv
+    from tir_kernels.w4a4_gemm import w4a4_gemm, w4a4_gemv, w4a4_linear
 
-    make = w4a4_gemm if spec.kind == "gemm" else w4a4_gemv
+    make = {"gemm": w4a4_gemm, "gemv": w4a4_gemv, "linear": w4a4_linear}[spec.kind]
     func = make(make_target("cuda", list(spec.archs)), spec.N, spec.K, spec.G, spec.O, spec.residual)
     executable = compile_cuda(func, spec.archs)
     path = os.path.join(out_dir, spec.file_name())

@@ -34,9 +34,13 @@ Variants, chosen from the target by `w4a4_gemm`:
   the warpgroup ``wgmma.mma_async m64n128k32 s8``.
 * ``sm90_int8`` (plain sm_90, which may not use wgmma): the same widening for ``mma.sync m16n8k32 s8``.
 * ``sm80_int4`` (sm_80/86/89): the same kernel with the native ``mma.sync m16n8k64 s4``.
-* ``gemv`` (`w4a4_gemv`, any CUDA arch, M <= 16): the same pieces on a 16-row tile with K split
+* ``gemv`` (`w4a4_gemv`, any CUDA arch, small M): the same pieces on 16-row tiles with K split
   across the warps of a block, for decode, where the weight bytes are the cost; the integer
   group sums are combined in group order, so it is bit-exact to the same fused reference.
+
+`w4a4_linear` is what a model calls: on CUDA one PrimFunc holding the ``gemv`` kernel and the
+target's tiled kernel, which runs the first for M <= `gemv_max_m` (N) and the second above,
+chosen at run time (batched decode only knows M, the batch, when it runs); on llvm the CPU kernel.
 
 The CUDA kernels live in `tir_kernels.gemm_common`; this module holds the numerics, the CPU twin
 and the dispatch.
@@ -56,8 +60,12 @@ from atom_tvm.quantization.formats import GROUP_SIZES, AtomActivation, AtomWeigh
 
 #: The kernel's inputs in call order; ``residual`` (if built with one) and ``y`` follow.
 ARG_NAMES = ("a_q4", "a_s4", "a_q8", "a_s8", "w_q4", "w_s4", "w_q8", "w_s8")
-#: Largest M the `w4a4_gemv` kernel is built for (the caller switches on M at run time).
-GEMV_MAX_M = 16
+#: `w4a4_linear` runs the ``gemv`` kernel while its grid, ceil(M / 16) x N / 16 blocks, has at most
+#: this many. The gemv reads the weights once per 16 rows, the tiled kernel once per 128 rows, but
+#: the tiled kernel's few blocks walk their groups one after another: on an H100 (132 SMs, as the
+#: H200) the gemv was the faster up to 2048 blocks on the three bench shapes (4096x4096 and
+#: Llama-2-7B down: M <= 128; up/gate, N = 11008: M <= 32) and slower above (docs/bench/gemm.md).
+GEMV_MAX_BLOCKS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,13 +211,38 @@ def w4a4_gemm(
     return gemm_common.w4a4_cuda_prim_func(shape, residual, gemm_common.TILED[variant])
 
 
+def gemv_max_m(N: int) -> int:
+    """Largest M for which `w4a4_linear` runs the ``gemv`` kernel on N output columns (>= 16)."""
+    return 16 * max(1, GEMV_MAX_BLOCKS * 16 // N)
+
+
+def w4a4_linear(
+    target: tvm.target.Target, N: int, K: int, G: int, O: int = 128, residual: bool = False
+) -> tvm.tirx.PrimFunc:
+    """The W4A4 kernel for a model's linear layers, any M; same arguments as `w4a4_gemm`.
+
+    On CUDA: the ``gemv`` kernel for M <= `gemv_max_m` (N) and the target's tiled kernel above, in
+    one PrimFunc that picks at run time (both are bit-exact to the fused reference, so the choice
+    never changes a result). On llvm: the CPU GEMM.
+    """
+    shape = W4A4Shape(N, K, G, O)
+    shape.check()
+    variant = variant_for(target)
+    if variant == "cpu":
+        return cpu_prim_func(shape, residual)
+    from tir_kernels import gemm_common
+
+    return gemm_common.w4a4_linear_prim_func(shape, residual, gemm_common.TILED[variant], gemv_max_m(N))
+
+
 def w4a4_gemv(
     target: tvm.target.Target, N: int, K: int, G: int, O: int = 128, residual: bool = False
 ) -> tvm.tirx.PrimFunc:
-    """The small-M (M <= `GEMV_MAX_M`) W4A4 kernel for a CUDA target; same arguments as `w4a4_gemm`.
+    """The small-M W4A4 kernel alone, for a CUDA target; same arguments as `w4a4_gemm`.
 
-    It runs for any M, but only M <= 16 rows use its one row tile well; the caller picks it at run
-    time for decode. On llvm it is the CPU GEMM (the CPU kernel is already row-streaming).
+    It runs for any M, in tiles of 16 rows that each read all the weights, so it pays off for
+    small M only (`w4a4_linear` runs it up to `gemv_max_m`). On llvm it is the CPU GEMM (the CPU
+    kernel is already row-streaming).
     """
     shape = W4A4Shape(N, K, G, O)
     shape.check()

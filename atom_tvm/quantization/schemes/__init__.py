@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
@@ -165,15 +164,6 @@ def rows(x: Tensor) -> tuple[Tensor, tuple]:
     *lead, k = x.shape
     m = functools.reduce(lambda a, b: a * b, lead, 1)
     return op.reshape(x, (m, k)), tuple(lead)
-
-
-def static_rows(m) -> int | None:
-    """M as an int when it is known at compile time (decode: 1), else None."""
-    if isinstance(m, int):
-        return m
-    if isinstance(m, tirx.IntImm):
-        return int(m.value)
-    return None
 
 
 def out_tensor(shape, dtype: str) -> Tensor:

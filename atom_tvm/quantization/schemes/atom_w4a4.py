@@ -40,11 +40,11 @@ from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import CheckpointReader, ParamSpec, iter_params
 from atom_tvm.quantize import LAYOUT_VERSION, QUANT_CONFIG
 from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, column_shard, out_tensor, register,
-                                           rows, static_rows)
+                                           rows)
 from relax_models.kernel_calls import cached_kernel, kernel_variant
 from relax_models.llama import LlamaConfig, LlamaDecoderLayer, all_reduce
 from tir_kernels import quantize as quantize_kernels
-from tir_kernels.w4a4_gemm import GEMV_MAX_M, W4A4Shape, w4a4_gemm, w4a4_gemv
+from tir_kernels.w4a4_gemm import W4A4Shape, w4a4_linear
 
 #: KV cache format of each of the checkpoint's ``kv_bits``.
 KV_FORMAT = {4: "int4", 8: "int8", 16: "fp16"}
@@ -85,9 +85,7 @@ _silu_mul_quantize = cached_kernel(quantize_kernels.silu_mul_quantize)
 _reorder_quantize = cached_kernel(quantize_kernels.reorder_quantize)
 
 
-@cached_kernel
-def _w4a4_kernel(target: Target, N: int, K: int, G: int, O: int, residual: bool, gemv: bool):
-    return (w4a4_gemv if gemv else w4a4_gemm)(target, N, K, G, O, residual)
+_w4a4_linear = cached_kernel(w4a4_linear)
 
 
 def _quantized(kernel, name: str, inputs: list, m, k: int, lead: tuple, layout: AtomLayout) -> PackedActivation:
@@ -142,14 +140,12 @@ class W4A4Linear(nn.Module):
     def forward(self, x: PackedActivation, residual: Tensor | None = None) -> Tensor:
         m = x.q4.shape[0]
         n = self.out_features
-        static_m = static_rows(m)
-        gemv = kernel_variant(self.target) == "cuda" and static_m is not None and static_m <= GEMV_MAX_M
-        kernel = _w4a4_kernel(self.target, n, self.in_features, self.layout.group_size, self.layout.n_outliers,
-                              residual is not None, gemv)
+        kernel = _w4a4_linear(self.target, n, self.in_features, self.layout.group_size, self.layout.n_outliers,
+                              residual is not None)
         args = [*x.tensors, self.q4, self.s4, self.q8, self.s8]
         if residual is not None:
             args.append(op.reshape(residual, (m, n)))
-        y = op.tensor_ir_op(kernel, "w4a4_gemv" if gemv else "w4a4_gemm", args, out=out_tensor((m, n), "float16"))
+        y = op.tensor_ir_op(kernel, "w4a4_linear", args, out=out_tensor((m, n), "float16"))
         return op.reshape(y, (*x.lead, n))
 
 
