@@ -12,9 +12,9 @@ is larger than a decode GEMV, does not count. Every call reads a different copy 
 
 What is timed: the GEMM alone on operands already in their formats (pre-quantized INT4/INT8
 codes and scales for W4A4; fp16 for cuBLAS fp16; int8 for torch._int_mm, whose int32 output
-is not rescaled). W4A4 is `w4a4_linear`, what the models call (the gemv kernel up to
-`gemv_max_m` rows, the tiled kernel above, chosen at run time); up to `SPLIT_ROWS` rows the two
-kernels are also timed alone (`gemv_us`, `gemm_us`), which shows where one overtakes the other.
+is not rescaled). W4A4 is `w4a4_linear`, what the models call (the gemv kernel for small M, 64x64
+wgmma blocks for up to a few hundred rows, 128x128 above: `linear_tiers`, chosen at run time); up
+to `SPLIT_ROWS` rows the gemv and the 128x128 kernel are also timed alone (`gemv_us`, `gemm_us`).
 torch._int_mm needs M > 16, so its M <= 16 rows run 32 padded rows.
 The dense kernels of `tir_kernels.dense_gemm` (the baselines' fp16 and W8A8 GEMMs) run on the
 same fp16 / int8 operands as cuBLAS, the int8 one with its per-token and per-channel scales
@@ -88,7 +88,7 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
 
     from tir_kernels.dense_gemm import PROBE_CONFIGS, DenseSpec, build_dense_kernel
     from tir_kernels.gemm_common import KernelSpec, build_kernels
-    from tir_kernels.w4a4_gemm import gemv_max_m
+    from tir_kernels.w4a4_gemm import linear_tiers
 
     specs = {(label, kind): KernelSpec(kind, ARCHS, N, K, G, O, False)
              for label, N, K in SHAPES for kind in ("linear", "gemm", "gemv")}
@@ -164,7 +164,9 @@ def measure(iters: int, probe: bool = False, ms=ROWS) -> dict:
             print(f"{label:18s} M={M:5d} w4a4 {row['w4a4_us']:9.2f} us  fp16 {row['fp16_us']:9.2f} us"
                   f"  int8 {row['int8_us']:9.2f} us", flush=True)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": COPY_GBPS,
-            "G": G, "O": O, "gemv_max_m": {label: gemv_max_m(N) for label, N, _ in SHAPES},
+            "G": G, "O": O,
+            "linear_tiers": {label: [[m, cfg.name] for m, cfg in linear_tiers("sm90_wgmma", N)]
+                             for label, N, _ in SHAPES},
             "dense_tiling": dense[(SHAPES[0][0], "fp16", "")].tiling(),
             "rows": rows,
             "probes": probes}
@@ -245,8 +247,9 @@ def print_table(result: dict) -> None:
               f"| {r['tvm_int8_vs_cublas']:.0%} |")
     split = [r for r in result["rows"] if "gemv_us" in r and "linear_us" in r]
     if split:
-        limits = ", ".join(f"{shape} {m}" for shape, m in result["gemv_max_m"].items())
-        print(f"\nW4A4 kernels alone (w4a4_linear runs the gemv up to M = {limits})")
+        print("\nW4A4 kernels alone; w4a4_linear's kernels by M:")
+        for shape, tiers in result["linear_tiers"].items():
+            print(f"  {shape}: " + ", ".join(f"{name} to M = {m}" if m else f"{name} above" for m, name in tiers))
         print("| shape | M | linear us | gemv us | gemm us |")
         print("|" + "---|" * 5)
         for r in split:

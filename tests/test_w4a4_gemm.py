@@ -32,7 +32,7 @@ from tir_kernels.w4a4_gemm import (
     W4A4Shape,
     atom_args,
     reference_from_atom,
-    gemv_max_m,
+    linear_tiers,
     variant_for,
     w4a4_gemm,
     w4a4_gemm_reference,
@@ -279,8 +279,8 @@ def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma, in
     IMMA.16864.S4 (16 per step: a 64x32 warp tile) and only the outliers on INT8 IMMA; Hopper
     never touches the emulated INT4 IMMA (sm_90a: warpgroup IGMMA, sm_90: mma.sync IMMA). The
     tiled kernels convert group sums through the float-magic FADD; the gemv's float chain is a
-    few I2F per output and piece, and stays. The linear function holds both the gemv and the
-    wgmma kernel. No variant spills to local memory."""
+    few I2F per output and piece, and stays. The linear function holds the gemv and both wgmma
+    tilings. No variant spills to local memory."""
     spec = KernelSpec(kind, archs, 576, 1536, 64, 128, True)
     lib = Path(build_kernel(spec, str(tmp_path)))
     assert cuda_build.list_cuda_codes(lib) == {"sass": list(archs), "ptx": [archs[0]]}
@@ -290,8 +290,8 @@ def test_cuda_variant_builds(cuda_toolchain, tmp_path, kind, archs, int4_mma, in
     assert "LDL" not in sass and "STL" not in sass
     if kind == "gemm":
         assert "I2F" not in sass
-    if kind == "linear":
-        assert "IMMA.16832.S8.S8" in sass
+    if kind == "linear":  # on N = 576: the gemv, 64x64 and 128x128 wgmma blocks
+        assert "IMMA.16832.S8.S8" in sass and "IGMMA.64x64x32.S8.S8" in sass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +302,9 @@ _ROWS = {"gemm": (1, 7, 16, 33, 128, 1000), "gemv": (1, 2, 7, 16)}
 
 
 def _linear_rows(N: int) -> tuple[int, ...]:
-    """Both of `w4a4_linear`'s kernels: 1 and 7 rows, and either side of its switch."""
-    return 1, 7, gemv_max_m(N), gemv_max_m(N) + 1
+    """Every kernel of the sm_90a `w4a4_linear`: 1 and 7 rows, and either side of each switch."""
+    switches = [max_m for max_m, _ in linear_tiers("sm90_wgmma", N) if max_m is not None]
+    return 1, 7, *[m + d for m in switches for d in (0, 1)]
 
 
 def _gpu_cases():

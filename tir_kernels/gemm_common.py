@@ -135,6 +135,10 @@ TILED = {
     "sm90_int8": TileConfig("sm90_int8", 128, 128, 2, 4, 4, widen=True),
     "sm80_int4": TileConfig("sm80_int4", 128, 128, 2, 4, 4, widen=False),
 }
+#: sm_90a, M up to a few hundred rows: 64x64 blocks of one warpgroup. There 128x128 blocks are too
+#: few to fill the SMs (32 for N = 4096), and these ran up to 2x faster on an H100 (at M = 128:
+#: 23.7 against 47.7 us on 4096x4096, 57.3 against 117.0 on Llama-2-7B down; docs/bench/gemm.md).
+WGMMA_64 = WgmmaConfig("sm90_wgmma_64", 64, 64, 4, 1, 8, widen=True)
 
 
 def check_cuda_shape(shape: W4A4Shape) -> None:
@@ -235,23 +239,32 @@ def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tv
     return _entry_point(_tiled_body(shape, residual, cfg), shape, residual, kernel_name(cfg, residual))
 
 
-def w4a4_linear_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig, gemv_max_m: int,
-                          gemv: "GemvConfig | None" = None) -> tvm.tirx.PrimFunc:
-    """Both kernels in one PrimFunc, chosen at run time by M: the decode kernel (`gemv`, default
-    `GEMV`) for M <= ``gemv_max_m``, the tiled kernel ``cfg`` above. For graphs whose M is only known
-    at run time (batched decode: M is the batch), which would otherwise run the tiled kernel's
-    128-row tiles for a handful of rows."""
-    small = _gemv_body(shape, residual, gemv or GEMV)
-    large = _tiled_body(shape, residual, cfg)
+def w4a4_linear_prim_func(shape: W4A4Shape, residual: bool, tiers) -> tvm.tirx.PrimFunc:
+    """Several kernels in one PrimFunc, chosen at run time by M: ``tiers`` is ``((max_m, config),
+    ..., (None, config))``, each config (`GemvConfig` or `TileConfig`) running for M above the
+    previous one's ``max_m`` and up to its own, the last for any larger M. For graphs whose M is
+    only known at run time (batched decode: M is the batch), which would otherwise run one kernel
+    for every M. Named after the last (the largest-M) config."""
+    return _entry_point(_by_rows(shape, residual, tiers), shape, residual,
+                        kernel_name(tiers[-1][1], residual, "linear"))
+
+
+def _by_rows(shape: W4A4Shape, residual: bool, tiers):
+    """The body macro running the first of ``tiers`` whose max_m >= M (see `w4a4_linear_prim_func`)."""
+    (max_m, cfg), rest = tiers[0], tiers[1:]
+    body = _gemv_body(shape, residual, cfg) if isinstance(cfg, GemvConfig) else _tiled_body(shape, residual, cfg)
+    if not rest:
+        return body
+    larger = _by_rows(shape, residual, rest)
 
     @T.macro
     def by_rows(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
-        if M <= gemv_max_m:
-            small(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+        if M <= max_m:
+            body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
         else:
-            large(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+            larger(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
 
-    return _entry_point(by_rows, shape, residual, kernel_name(cfg, residual, "linear"))
+    return by_rows
 
 
 def _tiled_body(shape: W4A4Shape, residual: bool, cfg: TileConfig):

@@ -39,8 +39,9 @@ Variants, chosen from the target by `w4a4_gemm`:
   group sums are combined in group order, so it is bit-exact to the same fused reference.
 
 `w4a4_linear` is what a model calls: on CUDA one PrimFunc holding the ``gemv`` kernel and the
-target's tiled kernel, which runs the first for M <= `gemv_max_m` (N) and the second above,
-chosen at run time (batched decode only knows M, the batch, when it runs); on llvm the CPU kernel.
+target's tiled kernel (on sm_90a also 64x64 blocks of it for a few hundred rows), chosen at run
+time by M (`linear_tiers`: batched decode only knows M, the batch, when it runs); on llvm the CPU
+kernel.
 
 The CUDA kernels live in `tir_kernels.gemm_common`; this module holds the numerics, the CPU twin
 and the dispatch.
@@ -60,12 +61,20 @@ from atom_tvm.quantization.formats import GROUP_SIZES, AtomActivation, AtomWeigh
 
 #: The kernel's inputs in call order; ``residual`` (if built with one) and ``y`` follow.
 ARG_NAMES = ("a_q4", "a_s4", "a_q8", "a_s8", "w_q4", "w_s4", "w_q8", "w_s8")
-#: `w4a4_linear` runs the ``gemv`` kernel while its grid, ceil(M / 16) x N / 16 blocks, has at most
-#: this many. The gemv reads the weights once per 16 rows, the tiled kernel once per 128 rows, but
-#: the tiled kernel's few blocks walk their groups one after another: on an H100 (132 SMs, as the
-#: H200) the gemv was the faster up to 2048 blocks on the three bench shapes (4096x4096 and
-#: Llama-2-7B down: M <= 128; up/gate, N = 11008: M <= 32) and slower above (docs/bench/gemm.md).
-GEMV_MAX_BLOCKS = 2048
+#: The kernels `w4a4_linear` holds, per CUDA variant, in order of M: each takes M while its grid,
+#: ceil(M / rows) x ceil(N / columns) blocks, has at most this many (the gemv: 16 x 16 blocks, and
+#: always M <= 16), the last any larger M. The gemv reads the weights once per 16 rows, a tiled
+#: kernel once per block row, but a tiled block walks all of K one group after another, so a grid
+#: of few blocks leaves SMs idle. Measured on an H100 (132 SMs, as the H200; docs/bench/gemm.md,
+#: "Session 9"): the gemv wins to about 1024 blocks (M = 64 at N = 4096) against 64x64 wgmma
+#: blocks, which win to about 264 blocks (two per SM; M = 256 at N = 4096) against 128x128 ones.
+#: Without the 64x64 tier (mma.sync variants, not measured) the gemv met 128x128 blocks at about
+#: 2048 blocks.
+LINEAR_TIERS = {
+    "sm90_wgmma": (("gemv", 1024), ("sm90_wgmma_64", 264), ("sm90_wgmma", None)),
+    "sm90_int8": (("gemv", 2048), ("sm90_int8", None)),
+    "sm80_int4": (("gemv", 2048), ("sm80_int4", None)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +220,27 @@ def w4a4_gemm(
     return gemm_common.w4a4_cuda_prim_func(shape, residual, gemm_common.TILED[variant])
 
 
-def gemv_max_m(N: int) -> int:
-    """Largest M for which `w4a4_linear` runs the ``gemv`` kernel on N output columns (>= 16)."""
-    return 16 * max(1, GEMV_MAX_BLOCKS * 16 // N)
+def linear_tiers(variant: str, N: int) -> list:
+    """``[(max_m, config), ..., (None, config)]``: the kernels of `w4a4_linear` on a CUDA variant for
+    N output columns (`LINEAR_TIERS`), each for M above the previous max_m and up to its own; a
+    tier left with no rows is dropped."""
+    from tir_kernels import gemm_common
+
+    configs = {"gemv": gemm_common.GEMV, "sm90_wgmma_64": gemm_common.WGMMA_64, **gemm_common.TILED}
+    tiers, below = [], 0
+    for name, max_blocks in LINEAR_TIERS[variant]:
+        cfg = configs[name]
+        if max_blocks is None:
+            tiers.append((None, cfg))
+            break
+        if name == "gemv":
+            max_m = 16 * max(1, max_blocks // -(-N // gemm_common.GEMV_BLOCK_N))
+        else:
+            max_m = cfg.block_m * (max_blocks // -(-N // cfg.block_n))
+        if max_m > below:
+            tiers.append((max_m, cfg))
+            below = max_m
+    return tiers
 
 
 def w4a4_linear(
@@ -221,9 +248,9 @@ def w4a4_linear(
 ) -> tvm.tirx.PrimFunc:
     """The W4A4 kernel for a model's linear layers, any M; same arguments as `w4a4_gemm`.
 
-    On CUDA: the ``gemv`` kernel for M <= `gemv_max_m` (N) and the target's tiled kernel above, in
-    one PrimFunc that picks at run time (both are bit-exact to the fused reference, so the choice
-    never changes a result). On llvm: the CPU GEMM.
+    On CUDA: the ``gemv`` kernel for small M and the target's tiled kernel(s) above
+    (`linear_tiers`), in one PrimFunc that picks at run time (all are bit-exact to the fused
+    reference, so the choice never changes a result). On llvm: the CPU GEMM.
     """
     shape = W4A4Shape(N, K, G, O)
     shape.check()
@@ -232,7 +259,7 @@ def w4a4_linear(
         return cpu_prim_func(shape, residual)
     from tir_kernels import gemm_common
 
-    return gemm_common.w4a4_linear_prim_func(shape, residual, gemm_common.TILED[variant], gemv_max_m(N))
+    return gemm_common.w4a4_linear_prim_func(shape, residual, linear_tiers(variant, N))
 
 
 def w4a4_gemv(
@@ -241,8 +268,8 @@ def w4a4_gemv(
     """The small-M W4A4 kernel alone, for a CUDA target; same arguments as `w4a4_gemm`.
 
     It runs for any M, in tiles of 16 rows that each read all the weights, so it pays off for
-    small M only (`w4a4_linear` runs it up to `gemv_max_m`). On llvm it is the CPU GEMM (the CPU
-    kernel is already row-streaming).
+    small M only (`w4a4_linear` runs it up to the M of `linear_tiers`). On llvm it is the CPU GEMM
+    (the CPU kernel is already row-streaming).
     """
     shape = W4A4Shape(N, K, G, O)
     shape.check()
