@@ -13,8 +13,9 @@ is larger than a decode GEMV, does not count. Every call reads a different copy 
 What is timed: the GEMM alone on operands already in their formats (pre-quantized INT4/INT8
 codes and scales for W4A4; fp16 for cuBLAS fp16; int8 for torch._int_mm, whose int32 output
 is not rescaled). W4A4 is `w4a4_linear`, what the models call (the gemv kernel for small M, 64x64
-wgmma blocks for up to a few hundred rows, 128x128 above: `linear_tiers`, chosen at run time); up
-to `SPLIT_ROWS` rows the gemv and the 128x128 kernel are also timed alone (`gemv_us`, `gemm_us`).
+wgmma blocks (64x128 on very wide weights) for up to a few hundred rows, 128x128 above:
+`linear_tiers`, chosen at run time); up to `SPLIT_ROWS` rows the gemv and the 128x128 kernel are
+also timed alone (`gemv_us`, `gemm_us`).
 torch._int_mm needs M > 16, so its M <= 16 rows run 32 padded rows.
 The dense kernels of `tir_kernels.dense_gemm` (the baselines' fp16 and W8A8 GEMMs) run on the
 same fp16 / int8 operands as cuBLAS, the int8 one with its per-token and per-channel scales

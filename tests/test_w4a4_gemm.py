@@ -323,6 +323,8 @@ def _gpu_cases():
         for O in (256, 384):
             yield (KernelSpec(kind, archs, 256, 640 if O == 256 else 768, 128, O, residual=True),
                    _linear_rows(256) if kind == "linear" else _ROWS[kind])
+    # A weight wide enough for the 64x128 tier (a fused gate/up's N, a short K).
+    yield KernelSpec("linear", ("sm_90a",), 17408, 384, 128, 128, residual=True), _linear_rows(17408)
 
 
 GPU_CASES = list(_gpu_cases())

@@ -139,6 +139,10 @@ TILED = {
 #: few to fill the SMs (32 for N = 4096), and these ran up to 2x faster on an H100 (at M = 128:
 #: 23.7 against 47.7 us on 4096x4096, 57.3 against 117.0 on Llama-2-7B down; docs/bench/gemm.md).
 WGMMA_64 = WgmmaConfig("sm90_wgmma_64", 64, 64, 4, 1, 8, widen=True)
+#: sm_90a, M <= 64 on very wide weights (N > 264 x 64, e.g. a fused gate/up), where 64x64 blocks
+#: would be too many: 64x128 blocks of one warpgroup, which skip the 128-row tile's idle half
+#: (13B gate/up, N = 27648, M = 32 and 64: 61.2 and 68.6 against 91.9 and 97.9 us on an H100).
+WGMMA_64x128 = WgmmaConfig("sm90_wgmma_64x128", 64, 128, 4, 1, 8, widen=True)
 
 
 def check_cuda_shape(shape: W4A4Shape) -> None:

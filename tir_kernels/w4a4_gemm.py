@@ -61,19 +61,21 @@ from atom_tvm.quantization.formats import GROUP_SIZES, AtomActivation, AtomWeigh
 
 #: The kernel's inputs in call order; ``residual`` (if built with one) and ``y`` follow.
 ARG_NAMES = ("a_q4", "a_s4", "a_q8", "a_s8", "w_q4", "w_s4", "w_q8", "w_s8")
-#: The kernels `w4a4_linear` holds, per CUDA variant, in order of M: each takes M while its grid,
-#: ceil(M / rows) x ceil(N / columns) blocks, has at most this many (the gemv: 16 x 16 blocks, and
-#: always M <= 16), the last any larger M. The gemv reads the weights once per 16 rows, a tiled
-#: kernel once per block row, but a tiled block walks all of K one group after another, so a grid
-#: of few blocks leaves SMs idle. Measured on an H100 (132 SMs, as the H200; docs/bench/gemm.md,
-#: "Session 9"): the gemv wins to about 1024 blocks (M = 64 at N = 4096) against 64x64 wgmma
-#: blocks, which win to about 264 blocks (two per SM; M = 256 at N = 4096) against 128x128 ones.
-#: Without the 64x64 tier (mma.sync variants, not measured) the gemv met 128x128 blocks at about
-#: 2048 blocks.
+#: The kernels `w4a4_linear` holds, per CUDA variant, in order of M: ``(config, max_blocks,
+#: max_rows)``, each taking M while its grid, ceil(M / rows) x ceil(N / columns) blocks, has at
+#: most ``max_blocks`` and M is at most ``max_rows`` (the gemv: 16 x 16 blocks, and always M <=
+#: 16), the last any larger M. The gemv reads the weights once per 16 rows, a tiled kernel once per
+#: block row, but a tiled block walks all of K one group after another, so a grid of few blocks
+#: leaves SMs idle. Measured on an H100 (132 SMs, as the H200; docs/bench/gemm.md, "Session 9"):
+#: the gemv wins to about 1024 blocks (M = 64 at N = 4096) against 64x64 wgmma blocks, which win
+#: to about 264 blocks (two per SM; M = 256 at N = 4096) against 128x128 ones; on weights too wide
+#: for that (N > 16896), 64x128 blocks win for one block row. Without these tiers (mma.sync
+#: variants, not measured) the gemv met 128x128 blocks at about 2048 blocks.
 LINEAR_TIERS = {
-    "sm90_wgmma": (("gemv", 1024), ("sm90_wgmma_64", 264), ("sm90_wgmma", None)),
-    "sm90_int8": (("gemv", 2048), ("sm90_int8", None)),
-    "sm80_int4": (("gemv", 2048), ("sm80_int4", None)),
+    "sm90_wgmma": (("gemv", 1024, None), ("sm90_wgmma_64", 264, None), ("sm90_wgmma_64x128", 264, 64),
+                   ("sm90_wgmma", None, None)),
+    "sm90_int8": (("gemv", 2048, None), ("sm90_int8", None, None)),
+    "sm80_int4": (("gemv", 2048, None), ("sm80_int4", None, None)),
 }
 
 
@@ -226,9 +228,10 @@ def linear_tiers(variant: str, N: int) -> list:
     tier left with no rows is dropped."""
     from tir_kernels import gemm_common
 
-    configs = {"gemv": gemm_common.GEMV, "sm90_wgmma_64": gemm_common.WGMMA_64, **gemm_common.TILED}
+    configs = {"gemv": gemm_common.GEMV, "sm90_wgmma_64": gemm_common.WGMMA_64,
+               "sm90_wgmma_64x128": gemm_common.WGMMA_64x128, **gemm_common.TILED}
     tiers, below = [], 0
-    for name, max_blocks in LINEAR_TIERS[variant]:
+    for name, max_blocks, max_rows in LINEAR_TIERS[variant]:
         cfg = configs[name]
         if max_blocks is None:
             tiers.append((None, cfg))
@@ -237,6 +240,7 @@ def linear_tiers(variant: str, N: int) -> list:
             max_m = 16 * max(1, max_blocks // -(-N // gemm_common.GEMV_BLOCK_N))
         else:
             max_m = cfg.block_m * (max_blocks // -(-N // cfg.block_n))
+        max_m = min(max_m, max_rows or max_m)
         if max_m > below:
             tiers.append((max_m, cfg))
             below = max_m
