@@ -14,11 +14,10 @@ so no float activation of a decoder Linear input is ever written to memory. Ever
 float16 as in the checkpoint (embeddings, final norm, lm_head, attention), and the KV cache is
 Atom's with the checkpoint's KV format (INT4 by default; ``--kv-cache`` overrides it).
 
-The GEMM variant is picked per call site when the module is traced: a statically known M <= 16
-(``decode``, one token) takes the decode gemv kernel, every dynamic M (``prefill``,
-``batch_prefill``, ``batch_decode``) the tiled kernel, which is correct for any M. Relax could
-branch on M at run time only outside a dataflow block (``relax.If``), which the nn frontend does not
-emit, so a ``batch_decode`` of a few sequences runs the tiled kernel.
+Every projection calls `tir_kernels.w4a4_gemm.w4a4_linear`: one PrimFunc that holds the decode gemv
+and the tiled kernels and branches on M inside, when it runs (Relax itself could branch only outside
+a dataflow block, with ``relax.If``, which the nn frontend does not emit). So ``batch_decode``, whose
+M is the batch, gets the gemv for a few sequences and ``prefill`` the tiled kernel.
 
 The checkpoint's parameter names are the mutated model's: ``<linear>.q4/.s4/.q8/.s8``,
 ``<norm>.weight`` (permuted) and ``<norm>.reorder_index``, ``self_attn.o_proj.reorder_index``.
