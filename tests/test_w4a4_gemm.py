@@ -29,6 +29,7 @@ from atom_tvm.quantization.formats import (
 )
 from tir_kernels.gemm_common import KernelSpec, build_kernel, build_kernels
 from tir_kernels.w4a4_gemm import (
+    LINEAR_TIERS,
     W4A4Shape,
     atom_args,
     reference_from_atom,
@@ -231,6 +232,34 @@ def test_variant_dispatch():
     assert [variant_for(cuda(a)) for a in ("sm_90", "sm_90a")] == ["sm90_int8", "sm90_wgmma"]
     with pytest.raises(UserError, match="sm_90a"):
         variant_for(cuda("sm_75"))
+
+
+@pytest.mark.parametrize("variant", ["sm90_wgmma", "sm90_int8", "sm80_int4"])
+@pytest.mark.parametrize("N", [256, 576, 4096, 5120, 11008, 15360, 17408, 22016, 27648])
+def test_linear_tiers_cover_every_m_once(variant, N):
+    """`w4a4_linear`'s switches rise strictly, the gemv takes decode (M <= 16) on every weight, the
+    last kernel is the variant's tiled one for any larger M, and each tier's grid at its largest M
+    stays within its budget (`LINEAR_TIERS`)."""
+    tiers = linear_tiers(variant, N)
+    switches = [m for m, _ in tiers[:-1]]
+    assert tiers[-1][0] is None and tiers[-1][1].name == variant
+    assert tiers[0][1].name == "gemv" and switches[0] >= 16
+    assert switches == sorted(set(switches))
+    budget = {name: (blocks, rows) for name, blocks, rows in LINEAR_TIERS[variant]}
+    for m, cfg in tiers[1:-1]:
+        blocks, rows = budget[cfg.name]
+        assert -(-m // cfg.block_m) * -(-N // cfg.block_n) <= blocks and m <= (rows or m)
+
+
+def test_linear_tiers_follow_the_h100_probe():
+    """The switch points docs/bench/gemm.md reports for the probed shapes."""
+    def names(N):
+        return [(m, cfg.name) for m, cfg in linear_tiers("sm90_wgmma", N)]
+
+    assert names(4096) == [(64, "gemv"), (256, "sm90_wgmma_64"), (None, "sm90_wgmma")]
+    assert names(11008) == [(16, "gemv"), (64, "sm90_wgmma_64"), (None, "sm90_wgmma")]
+    assert names(27648) == [(16, "gemv"), (64, "sm90_wgmma_64x128"), (None, "sm90_wgmma")]
+    assert [m for m, _ in linear_tiers("sm80_int4", 4096)] == [128, None]
 
 
 # ---------------------------------------------------------------------------------------------
