@@ -39,9 +39,9 @@ Variants, chosen from the target by `w4a4_gemm`:
   group sums are combined in group order, so it is bit-exact to the same fused reference.
 
 `w4a4_linear` is what a model calls: on CUDA one PrimFunc holding the ``gemv`` kernel and the
-target's tiled kernel (on sm_90a also 64x64 blocks of it for a few hundred rows), chosen at run
-time by M (`linear_tiers`: batched decode only knows M, the batch, when it runs); on llvm the CPU
-kernel.
+target's tiled kernel (on sm_90a also one-warpgroup blocks of it, 64x64 or 64x128, for up to a few
+hundred rows), chosen at run time by M (`linear_tiers`: batched decode only knows M, the batch,
+when it runs); on llvm the CPU kernel.
 
 The CUDA kernels live in `tir_kernels.gemm_common`; this module holds the numerics, the CPU twin
 and the dispatch.
