@@ -53,7 +53,8 @@ import tvm
 from tvm.script import tirx as T
 
 from atom_tvm.errors import UserError
-from tir_kernels.gemm_common import STEP_BYTES, TileConfig, _copy16_unless, _mma, _swizzle, fragment_loader
+from tir_kernels.gemm_common import (STEP_BYTES, TileConfig, _copy16_unless, _mma, _swizzle, by_rows,
+                                     fragment_loader)
 from tir_kernels.w4a4_gemm import _exact_int_dot
 
 
@@ -241,26 +242,9 @@ def _dense_gemm(op: Operand, target, N: int, K: int, residual: bool, cfg) -> tvm
     elif isinstance(cfg, WgmmaDenseConfig):
         kernel = _wgmma_body(op, N, K, residual, cfg)
     else:
-        kernel = _by_rows([(min_m, _wgmma_body(op, N, K, residual, tier)) for min_m, tier in cfg.tiers])
+        kernel = by_rows([(lambda M, min_m=min_m: M >= min_m, _wgmma_body(op, N, K, residual, tier))
+                          for min_m, tier in cfg.tiers])
     return _with_signature(op, N, K, residual, kernel, kernel_name(op, cfg, residual))
-
-
-def _by_rows(tiers):
-    """The macro that runs the first kernel of ``tiers`` ((min_m, kernel), decreasing min_m) whose
-    min_m <= M."""
-    (min_m, first), rest = tiers[0], tiers[1:]
-    if not rest:
-        return first
-    others = _by_rows(rest)
-
-    @T.macro
-    def by_rows(M, X, SX, W, SW, R, Y):
-        if M >= min_m:
-            first(M, X, SX, W, SW, R, Y)
-        else:
-            others(M, X, SX, W, SW, R, Y)
-
-    return by_rows
 
 
 def kernel_name(op: Operand, cfg, residual: bool) -> str:

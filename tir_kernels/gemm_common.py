@@ -249,26 +249,29 @@ def w4a4_linear_prim_func(shape: W4A4Shape, residual: bool, tiers) -> tvm.tirx.P
     previous one's ``max_m`` and up to its own, the last for any larger M. For graphs whose M is
     only known at run time (batched decode: M is the batch), which would otherwise run one kernel
     for every M. Named after the last (the largest-M) config."""
-    return _entry_point(_by_rows(shape, residual, tiers), shape, residual,
-                        kernel_name(tiers[-1][1], residual, "linear"))
+    bodies = [(lambda M, max_m=max_m: M <= max_m,
+               _gemv_body(shape, residual, cfg) if isinstance(cfg, GemvConfig) else _tiled_body(shape, residual, cfg))
+              for max_m, cfg in tiers]
+    return _entry_point(by_rows(bodies), shape, residual, kernel_name(tiers[-1][1], residual, "linear"))
 
 
-def _by_rows(shape: W4A4Shape, residual: bool, tiers):
-    """The body macro running the first of ``tiers`` whose max_m >= M (see `w4a4_linear_prim_func`)."""
-    (max_m, cfg), rest = tiers[0], tiers[1:]
-    body = _gemv_body(shape, residual, cfg) if isinstance(cfg, GemvConfig) else _tiled_body(shape, residual, cfg)
+def by_rows(tiers):
+    """The body macro ``(M, *operands)`` that runs the first body of ``tiers`` (``(test, body)``
+    pairs) whose ``test(M)`` holds, and the last one's otherwise (its test is not asked): several
+    kernels in one PrimFunc, chosen at run time by the row count M."""
+    (test, first), rest = tiers[0], tiers[1:]
     if not rest:
-        return body
-    larger = _by_rows(shape, residual, rest)
+        return first
+    others = by_rows(rest)
 
     @T.macro
-    def by_rows(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
-        if M <= max_m:
-            body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+    def choose(M, *operands):
+        if test(M):
+            first(M, *operands)
         else:
-            larger(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+            others(M, *operands)
 
-    return by_rows
+    return choose
 
 
 def _tiled_body(shape: W4A4Shape, residual: bool, cfg: TileConfig):
@@ -595,7 +598,6 @@ def _tiled_body(shape: W4A4Shape, residual: bool, cfg: TileConfig):
 
     @T.macro
     def body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
-
         bx = T.launch_thread("blockIdx.x", -(-N // BN))
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, BM))
         tx = T.launch_thread("threadIdx.x", THREADS)
@@ -916,7 +918,6 @@ def _gemv_body(shape: W4A4Shape, residual: bool, cfg: GemvConfig):
 
     @T.macro
     def body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
-
         bx = T.launch_thread("blockIdx.x", N // BN)
         by = T.launch_thread("blockIdx.y", T.ceildiv(M, 16))
         tx = T.launch_thread("threadIdx.x", THREADS)

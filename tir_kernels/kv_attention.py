@@ -1532,7 +1532,7 @@ def _decode_tensor_core_body(HQ: int, HKV: int, D: int, P: int):
             # to the rings and tiles), and a warp that finishes early would write its state over
             # a tile in use. Dynamic, because GQA's merge buffers take it past 48 KiB.
             attention_smem = T.alloc_buffer((RING_SIZE + PS_SIZE + 2 * _TC_WARPS * G + _TC_WARPS * G * D,),
-                                  "float32", scope="shared.dyn")
+                                            "float32", scope="shared.dyn")
             ring = T.decl_buffer((RING_SIZE,), "uint32", data=attention_smem.data, scope="shared.dyn")
             ps = T.decl_buffer((PS_SIZE,), "float32", data=attention_smem.data, elem_offset=RING_SIZE,
                                scope="shared.dyn")
