@@ -243,9 +243,9 @@ def test_silu_ref_has_no_nan_at_the_fp16_extremes():
 
 
 def test_int4_code_bound_covers_subnormal_scales(rng):
-    """The CUDA kernels round INT4 codes as 16-bit integers before clamping them; `_int4_code_bound`
-    must bound |value * recip| for every group absmax, float16-subnormal scales included (where
-    rounding the scale loses up to a third of it), and stay far below 2**15 at real clips."""
+    """The CUDA kernels round INT4 codes by the 1.5 * 2**23 add (exact up to 2**22) before clamping
+    them; `_int4_code_bound` must bound |value * recip| for every group absmax, float16-subnormal
+    scales included (where rounding the scale loses up to a third of it)."""
     for clip in (0.9, 0.5, 0.01):
         c4 = np.float32(clip / 7)
         # absmax * c4 from 0.5 to 64 float16 subnormal steps, and a spread of normal values.
@@ -257,8 +257,9 @@ def test_int4_code_bound_covers_subnormal_scales(rng):
         worst = np.max(amax[ok] * recip)
         assert worst <= qk._int4_code_bound(clip), (clip, worst)
     assert qk._int4_code_bound(0.9) < 12
-    with pytest.raises(UserError, match="clip ratio 0.0001"):
-        qk.reorder_quantize(4096, 128, 128, 1e-4, "cuda")
+    qk.reorder_quantize(4096, 128, 128, 1e-5, "cuda")
+    with pytest.raises(UserError, match="clip ratio 1e-06"):
+        qk.reorder_quantize(4096, 128, 128, 1e-6, "cuda")
 
 
 def test_generators_refuse_bad_shapes():
