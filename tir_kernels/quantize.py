@@ -357,6 +357,12 @@ def _code(value, recip, lo: int, hi: int):
     return T.reinterpret("int32", t + T.float32(_ROUND_MAGIC))
 
 
+def _byte_perm(x, y, selector: int):
+    """CUDA's __byte_perm (one PRMT): byte i of the result is byte ``selector`` nibble i of the
+    8 bytes (x low, y high). (Used by the KV cache kernels.)"""
+    return T.call_pure_extern("uint32", "__byte_perm", x, y, T.uint32(selector))
+
+
 def _rounded_bits(value, recip):
     """uint32 ``bits(value * recip + 1.5 * 2**23)``: as in `_code`, rint(value * recip) sits in
     the low bits, here not clamped. The product is ``__fmul_rn``, which nvcc never contracts with
