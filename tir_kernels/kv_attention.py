@@ -97,7 +97,8 @@ another float32 order, with scale and zero factored out of the element sums). Lo
 few tokens ahead in a register ring. The slots merge through shared memory, the splits in a
 second small kernel; ``/`` is ``__fdiv_rn`` and ``exp`` nvcc's fast ``__expf`` (a few ulp),
 well inside the tolerance. H200 speeds: docs/bench/attention.md.
-`append`: one block per token, one warp per row; codes, scales and zeros follow the cpu rule
+`append`: one block per token (4 to 32 warps by token count, `_APPEND_TIERS`), one warp per
+row; codes, scales and zeros follow the cpu rule
 bit for bit (``__frcp_rn`` for the reciprocal), but RoPE takes pow/cos/sin in float64 (see
 `_append_cuda_body`), so its rotated q and K are `rope_ref`'s values, which differ from the
 cpu variant's libm RoPE by one float16 ulp on a few values per million (and the K codes of
@@ -122,6 +123,7 @@ from tvm.script import tirx as T
 
 from atom_tvm.errors import UserError
 from atom_tvm.quantization.formats import dequantize_kv_asym, quantize_kv_asym
+from tir_kernels.gemm_common import by_rows
 from tir_kernels.quantize import _byte_perm, _pair
 
 __all__ = [
@@ -163,8 +165,13 @@ _DECODE_THREADS = 128
 #: Blocks the cuda decode grid aims at before it splits sequences into page ranges (about 8
 #: per SM of an H100/H200).
 _DECODE_BLOCKS = 1024
-#: Warps of a cuda append block (one token); each warp takes every 4th row of q, K and V.
-_APPEND_WARPS = 4
+#: Warps of a cuda append block (one token; the warps take its rows of q, K and V in turn) by
+#: token count n, ``(largest n, warps)``: the most warps per token whose blocks all fit on the GPU
+#: at once (132 SMs: 2 blocks of 32 warps, 8 of 8, 16 of 4 per SM), so a decode step's few tokens
+#: spread their rows over many warps and long prompts keep small blocks. On an H100, a 13B decode
+#: token took 14.4 us with 4 warps and 5.3 us with 32; 4096 tokens 90 us with 4, 109 with 32
+#: (docs/bench/attention.md).
+_APPEND_TIERS = ((256, 32), (1024, 8), (None, 4))
 _WARP = 32
 _FULL_MASK = 0xFFFFFFFF
 
@@ -430,7 +437,9 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
     llama3 = _llama3_constants(rope_scaling)
 
     if variant == "cuda":
-        body = _append_cuda_body(kv_bits, HQ, HKV, D, theta, llama3, P)
+        body = by_rows([(lambda n, most=most: n <= most,
+                         _append_cuda_body(kv_bits, HQ, HKV, D, theta, llama3, P, warps))
+                        for most, warps in _APPEND_TIERS])
     else:
         @T.macro
         def store_row(row, codes, scale_zero, page, which, head, off):
@@ -460,7 +469,7 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
                             T.shift_left(_code(row[2 * j + 1], zero, recip, qmax), 4)))
 
         @T.macro
-        def body(QKV, Pos, Slots, QRot, codes, scale_zero, n):
+        def body(n, QKV, Pos, Slots, QRot, codes, scale_zero):
             for s in T.parallel(n):
                 row = T.decl_buffer((D,), "float32")
                 page = Slots[s] // P
@@ -493,7 +502,7 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
             Data = T.match_buffer(data_h, (num_layers, num_pages, 2, HKV, P, D), "float16")
             QRot = T.match_buffer(q_h, (n, HQ, D), "float16")
             data = _layer_view(Data, layer)
-            body(QKV, Pos, Slots, QRot, data, None, n)
+            body(n, QKV, Pos, Slots, QRot, data, None)
 
     else:
 
@@ -512,7 +521,7 @@ def append(kv_bits: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rop
             QRot = T.match_buffer(q_h, (n, HQ, D), "float16")
             codes = _layer_view(Codes, layer)
             scale_zero = _layer_view(SZ, layer)
-            body(QKV, Pos, Slots, QRot, codes, scale_zero, n)
+            body(n, QKV, Pos, Slots, QRot, codes, scale_zero)
 
     name = f"kv_append_int{kv_bits}_q{HQ}_kv{HKV}_d{D}_p{P}_{variant}"
     return func.with_attr("global_symbol", name)
@@ -900,8 +909,10 @@ def _dequant(kv_bits: int, words, sz, e: int):
     return value * _scale(sz) + _zero(sz)
 
 
-def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, llama3, P: int):
-    """The cuda variant of `append`: one block per token, one warp per row of q, K or V.
+def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, llama3, P: int,
+                      warps: int):
+    """The cuda variant of `append`: one block per token of up to ``warps`` warps, one warp per row
+    of q, K or V at a time.
 
     Lane ``i`` holds elements ``i*E .. i*E+E-1`` (E = D / 32), so RoPE's partner element
     ``d -+ D/2`` is in lane ``i ^ 16`` and a row's min and max are 5-step shuffle reductions.
@@ -911,12 +922,13 @@ def _append_cuda_body(kv_bits: int, HQ: int, HKV: int, D: int, theta: float, lla
     positions; so the rotated q and K are `rope_ref`'s correctly rounded values (llama3
     scaling's float32 steps are taken with the same intrinsics, in TVM's order).
     """
-    E, warps, rows, half = D // _WARP, _APPEND_WARPS, HQ + 2 * HKV, D // 2
+    E, rows, half = D // _WARP, HQ + 2 * HKV, D // 2
+    warps = min(warps, rows)
     qmax = (1 << kv_bits) - 1
     inv_qmax = float(np.float32(1 / qmax))
 
     @T.macro
-    def body(QKV, Pos, Slots, QRot, codes, scale_zero, n):
+    def body(n, QKV, Pos, Slots, QRot, codes, scale_zero):
         with T.launch_thread("blockIdx.x", n) as s:
             tx = T.launch_thread("threadIdx.x", warps * _WARP)
             lane = tx % _WARP
