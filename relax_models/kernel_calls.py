@@ -11,6 +11,7 @@ import functools
 from typing import Callable
 
 from tvm import s_tir, tirx
+from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 
@@ -40,6 +41,18 @@ def _block_rooted(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
     root = s_tir.SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=func.body)
     return func.with_body(s_tir.SBlockRealize(iter_values=[], predicate=True, block=root))
+
+
+def rows(x: Tensor) -> tuple[Tensor, tuple]:
+    """``x [..., K]`` as the 2-D ``[M, K]`` the kernels take, and the leading shape to restore."""
+    *lead, k = x.shape
+    m = functools.reduce(lambda a, b: a * b, lead, 1)
+    return op.reshape(x, (m, k)), tuple(lead)
+
+
+def out_tensor(shape, dtype: str) -> Tensor:
+    """A placeholder for a kernel's destination-passing output."""
+    return Tensor.placeholder(tuple(shape), dtype)
 
 
 def cached_kernel(make: Callable[..., tirx.PrimFunc]) -> Callable[..., tirx.PrimFunc]:

@@ -32,6 +32,8 @@ from tvm.target import Target
 
 from atom_tvm.errors import UserError
 from relax_models.atom_kv_cache import AtomKVConfig, AtomPagedKVCache, copy_pages, create_pages
+from relax_models.kernel_calls import cached_kernel, out_tensor, rows
+from tir_kernels.dense_gemm import fp16_gemm
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -220,6 +222,24 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+_fp16_gemm = cached_kernel(fp16_gemm)
+
+
+def _vocab_kernel(target: Target, weight: nn.Parameter):
+    """Our dense fp16 GEMM (`tir_kernels.dense_gemm`) for the vocabulary projection on CUDA, where
+    TVM's own matmul (dlight's GEMV) read the Llama-2-13B head at about 850 GB/s at decode on an
+    H100 and ran 1.5 ms at batch 128 (docs/bench/gemm.md, "Session 10"); None, so TVM's matmul
+    runs, on other targets, other dtypes and shapes its tiling does not take (it says so by
+    refusing them)."""
+    if target.kind.name != "cuda" or weight.dtype != "float16":
+        return None
+    vocab, hidden = (int(d) for d in weight.shape)
+    try:
+        return _fp16_gemm(target, vocab, hidden, False)
+    except UserError:
+        return None
+
+
 class LlamaForCausalLM(nn.Module):
     """Llama with MLC-LLM's entry points; hidden states in `dtype`, logits always float32.
 
@@ -262,7 +282,14 @@ class LlamaForCausalLM(nn.Module):
         head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
         if hidden_states.dtype != head.weight.dtype:
             hidden_states = hidden_states.astype(head.weight.dtype)
-        if self.tie_word_embeddings:
+        kernel = _vocab_kernel(self.target, head.weight)
+        if kernel is not None:
+            flat, lead = rows(hidden_states)
+            vocab = head.weight.shape[0]
+            logits = op.tensor_ir_op(kernel, "fp16_gemm", [flat, head.weight],
+                                     out=out_tensor((flat.shape[0], vocab), "float16"))
+            logits = op.reshape(logits, (*lead, vocab))
+        elif self.tie_word_embeddings:
             logits = op.matmul(hidden_states, op.permute_dims(head.weight))
         else:
             logits = self.lm_head(hidden_states)

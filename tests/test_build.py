@@ -108,3 +108,27 @@ def test_cuda_build_on_a_gpu_less_host_carries_sass_for_exactly_the_requested_ar
     assert codes["sass"] == ["sm_80", "sm_89", "sm_90a"]
     config = json.loads((out / "mlc-chat-config.json").read_text())
     assert config["target"] == "cuda" and config["arch"] == ["sm_80", "sm_89", "sm_90a"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied-embeddings"])
+def test_cuda_logits_come_from_our_fp16_gemm(tied):
+    """On CUDA the vocabulary projection is `tir_kernels.dense_gemm`'s fp16 GEMM (TVM's matmul,
+    scheduled by dlight, read a Llama-2-13B head at a fraction of memory speed); llvm builds keep
+    TVM's matmul (their head is float32, see `atom_tvm.compile.export_model`)."""
+    from pathlib import Path
+
+    from atom_tvm.compile import export_model
+    from atom_tvm.quantization.schemes import resolve
+    from deploy.targets import make_target
+    from relax_models.llama import LlamaConfig
+
+    cfg = LlamaConfig.from_hf_dict({
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": tied})
+    scheme = resolve("fp16", Path("unused"), cfg)
+    for target, ours in ((make_target("cuda", ["sm_90a"]), True), (make_target("llvm", []), False)):
+        mod, _ = export_model(cfg, scheme, target)
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        assert ("fp16_gemm" in names) == ours, sorted(names)

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 from atom_tvm.errors import UserError
@@ -157,18 +155,6 @@ def refuse_group_size(name: str, options: SchemeOptions) -> None:
 
 
 # --- what the quantized modules share ----------------------------------------------------------------
-
-
-def rows(x: Tensor) -> tuple[Tensor, tuple]:
-    """``x [..., K]`` as the 2-D ``[M, K]`` the kernels take, and the leading shape to restore."""
-    *lead, k = x.shape
-    m = functools.reduce(lambda a, b: a * b, lead, 1)
-    return op.reshape(x, (m, k)), tuple(lead)
-
-
-def out_tensor(shape, dtype: str) -> Tensor:
-    """A placeholder for a kernel's destination-passing output."""
-    return Tensor.placeholder(tuple(shape), dtype)
 
 
 class DecoderLinearMutator(nn.Mutator):

@@ -38,9 +38,8 @@ from tvm.target import Target
 from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import CheckpointReader, ParamSpec, iter_params
 from atom_tvm.quantize import LAYOUT_VERSION, QUANT_CONFIG
-from atom_tvm.quantization.schemes import (QuantizationScheme, SchemeOptions, column_shard, out_tensor, register,
-                                           rows)
-from relax_models.kernel_calls import cached_kernel, kernel_variant
+from atom_tvm.quantization.schemes import QuantizationScheme, SchemeOptions, column_shard, register
+from relax_models.kernel_calls import cached_kernel, kernel_variant, out_tensor, rows
 from relax_models.llama import LlamaConfig, LlamaDecoderLayer, all_reduce
 from tir_kernels import quantize as quantize_kernels
 from tir_kernels.w4a4_gemm import W4A4Shape, w4a4_linear

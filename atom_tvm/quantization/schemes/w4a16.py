@@ -29,9 +29,9 @@ from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import ParamSpec, iter_params
 from atom_tvm.quantization import formats
 from atom_tvm.quantize import check_sizes
-from atom_tvm.quantization.schemes import (DecoderLinearMutator, QuantizationScheme, SchemeOptions, out_tensor,
-                                           refuse_tensor_parallel, register, rows)
-from relax_models.kernel_calls import cached_kernel
+from atom_tvm.quantization.schemes import (DecoderLinearMutator, QuantizationScheme, SchemeOptions,
+                                           refuse_tensor_parallel, register)
+from relax_models.kernel_calls import cached_kernel, out_tensor, rows
 from relax_models.llama import LlamaConfig
 from tir_kernels.dense_gemm import fp16_gemm
 
