@@ -225,6 +225,20 @@ def test_append_llama3_rope(kv_bits, heads, variant):
                       theta=500000.0, scaling="llama3")
 
 
+def test_cuda_append_warps_follow_the_token_count():
+    """One cuda append kernel per `_APPEND_TIERS` entry, chosen at run time by the token count n:
+    32 warps up to 256 tokens (no more than a token has rows), 8 up to 1024, 4 above. The GPU
+    tests' appends (1 to about 5600 tokens a call) run all three."""
+    def tiers(func):
+        lines = [line.strip() for line in func.script().splitlines()]
+        return ([line for line in lines if line.startswith("if n <=")],
+                [line.split(", ")[1].rstrip(")") for line in lines if 'launch_thread("threadIdx.x"' in line])
+
+    assert tiers(kva.append(4, 40, 40, 128, THETA, variant="cuda")) == (
+        ["if n <= 256:", "if n <= 1024:"], ["1024", "256", "128"])
+    assert tiers(kva.append(4, 9, 3, 64, THETA, variant="cuda"))[1] == ["480", "256", "128"]  # 15 rows
+
+
 def test_rejects_unknown_rope_scaling():
     with pytest.raises(UserError, match="yarn"):
         kva.append(4, 32, 8, 128, 1e4, rope_scaling={"rope_type": "yarn", "factor": 4.0})
