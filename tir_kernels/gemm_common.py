@@ -258,7 +258,8 @@ def w4a4_linear_prim_func(shape: W4A4Shape, residual: bool, tiers) -> tvm.tirx.P
 def by_rows(tiers):
     """The body macro ``(M, *operands)`` that runs the first body of ``tiers`` (``(test, body)``
     pairs) whose ``test(M)`` holds, and the last one's otherwise (its test is not asked): several
-    kernels in one PrimFunc, chosen at run time by the row count M."""
+    kernels in one PrimFunc, chosen at run time by the row count M (a GEMM's rows, the KV
+    append's tokens)."""
     (test, first), rest = tiers[0], tiers[1:]
     if not rest:
         return first
