@@ -67,7 +67,7 @@ import tvm
 from tvm.script import tirx as T
 
 from atom_tvm.errors import UserError
-from tir_kernels.w4a4_gemm import W4A4Shape, _match_rows
+from tir_kernels.w4a4_gemm import W4A4Shape, entry_point
 
 #: Bytes of one row per pipeline step: 64 INT4 or 32 INT8 channels, two 16-byte chunks.
 STEP_BYTES = 32
@@ -240,7 +240,7 @@ def fragment_loader(cfg: TileConfig):
 
 def w4a4_cuda_prim_func(shape: W4A4Shape, residual: bool, cfg: TileConfig) -> tvm.tirx.PrimFunc:
     """The W4A4 GEMM of `tir_kernels.w4a4_gemm` as one CUDA kernel with configuration ``cfg``."""
-    return _entry_point(_tiled_body(shape, residual, cfg), shape, residual, kernel_name(cfg, residual))
+    return entry_point(_tiled_body(shape, residual, cfg), shape, residual, kernel_name(cfg, residual))
 
 
 def w4a4_linear_prim_func(shape: W4A4Shape, residual: bool, tiers) -> tvm.tirx.PrimFunc:
@@ -252,7 +252,7 @@ def w4a4_linear_prim_func(shape: W4A4Shape, residual: bool, tiers) -> tvm.tirx.P
     bodies = [(lambda M, max_m=max_m: M <= max_m,
                _gemv_body(shape, residual, cfg) if isinstance(cfg, GemvConfig) else _tiled_body(shape, residual, cfg))
               for max_m, cfg in tiers]
-    return _entry_point(by_rows(bodies), shape, residual, kernel_name(tiers[-1][1], residual, "linear"))
+    return entry_point(by_rows(bodies), shape, residual, kernel_name(tiers[-1][1], residual, "linear"))
 
 
 def by_rows(tiers):
@@ -276,7 +276,7 @@ def by_rows(tiers):
 
 
 def _tiled_body(shape: W4A4Shape, residual: bool, cfg: TileConfig):
-    """The tiled kernel's body macro (see `_entry_point`)."""
+    """The tiled kernel's body macro (see `w4a4_gemm.entry_point`)."""
     check_cuda_shape(shape)
     N, O, G = shape.N, shape.O, shape.G
     BM, BN, S, THREADS = cfg.block_m, cfg.block_n, cfg.stages, cfg.threads
@@ -717,39 +717,6 @@ def _tiled_body(shape: W4A4Shape, residual: bool, cfg: TileConfig):
     return body
 
 
-def _entry_point(body, shape: W4A4Shape, residual: bool, name: str) -> tvm.tirx.PrimFunc:
-    """The kernel's PrimFunc around its body macro ``body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R,
-    Y)``: the eight operands, ``res`` when built with a residual, and ``y`` (without a residual the
-    body gets ``Y`` as ``R`` and never reads it as one)."""
-    N = shape.N
-
-    @T.macro
-    def matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
-        M = T.int32()
-        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
-        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
-        Y = T.match_buffer(y, (M, N), "float16")
-        R = T.match_buffer(res, (M, N), "float16") if residual else Y
-        body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
-
-    if residual:
-
-        @T.prim_func
-        def w4a4_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-                          w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
-                          res: T.handle, y: T.handle):
-            matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
-
-        return w4a4_residual.with_attr("global_symbol", name)
-
-    @T.prim_func
-    def w4a4(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-             w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
-        matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
-
-    return w4a4.with_attr("global_symbol", name)
-
-
 def kernel_name(cfg, residual: bool, kind: str = "") -> str:
     """``w4a4_[<kind>_]<config>[_residual]``: the PrimFunc's global symbol (and its CUDA kernels'
     prefix); `w4a4_linear_prim_func`'s carry ``kind`` "linear" and the tiled configuration's name."""
@@ -793,7 +760,7 @@ GEMV = GemvConfig("gemv", 8, 2)
 
 def w4a4_gemv_prim_func(shape: W4A4Shape, residual: bool, cfg: GemvConfig = GEMV) -> tvm.tirx.PrimFunc:
     """The decode kernel (`_gemv_body`) as its own PrimFunc."""
-    return _entry_point(_gemv_body(shape, residual, cfg), shape, residual, kernel_name(cfg, residual))
+    return entry_point(_gemv_body(shape, residual, cfg), shape, residual, kernel_name(cfg, residual))
 
 
 def _gemv_body(shape: W4A4Shape, residual: bool, cfg: GemvConfig):

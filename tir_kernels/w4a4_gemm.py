@@ -303,12 +303,7 @@ def cpu_prim_func(shape: W4A4Shape, residual: bool) -> tvm.tirx.PrimFunc:
     P = _CPU_PANEL
 
     @T.macro
-    def body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
-        M = T.int32()
-        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
-        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
-        Y = T.match_buffer(y, (M, N), "float16")
-        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+    def body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y):
         for panel in T.parallel(N // P):
             n0 = panel * P
             wq = T.alloc_buffer((KN, P), "int16")
@@ -362,22 +357,41 @@ def cpu_prim_func(shape: W4A4Shape, residual: bool) -> tvm.tirx.PrimFunc:
                     else:
                         Y[m, n0 + j] = T.Cast("float16", acc[j])
 
+    return entry_point(body, shape, residual, "w4a4_gemm_cpu" + ("_residual" if residual else ""))
+
+
+def entry_point(body, shape: W4A4Shape, residual: bool, name: str) -> tvm.tirx.PrimFunc:
+    """A W4A4 kernel's PrimFunc (every variant's: the CPU twin's and the CUDA kernels') around its
+    body macro ``body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)``: the eight operands, ``res``
+    when built with a residual, and ``y`` (without a residual the body gets ``Y`` as ``R`` and
+    never reads it as one)."""
+    N = shape.N
+
+    @T.macro
+    def matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y):
+        M = T.int32()
+        A4, AS4, A8, AS8 = _match_rows(a_q4, a_s4, a_q8, a_s8, M, shape)
+        W4, WS4, W8, WS8 = _match_rows(w_q4, w_s4, w_q8, w_s8, N, shape)
+        Y = T.match_buffer(y, (M, N), "float16")
+        R = T.match_buffer(res, (M, N), "float16") if residual else Y
+        body(M, A4, AS4, A8, AS8, W4, WS4, W8, WS8, R, Y)
+
     if residual:
 
         @T.prim_func
-        def w4a4_gemm_cpu_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-                                   w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
-                                   res: T.handle, y: T.handle):
-            body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
+        def w4a4_residual(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+                          w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle,
+                          res: T.handle, y: T.handle):
+            matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, res, y)
 
-        return w4a4_gemm_cpu_residual
+        return w4a4_residual.with_attr("global_symbol", name)
 
     @T.prim_func
-    def w4a4_gemm_cpu(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
-                      w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
-        body(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
+    def w4a4(a_q4: T.handle, a_s4: T.handle, a_q8: T.handle, a_s8: T.handle,
+             w_q4: T.handle, w_s4: T.handle, w_q8: T.handle, w_s8: T.handle, y: T.handle):
+        matched(a_q4, a_s4, a_q8, a_s8, w_q4, w_s4, w_q8, w_s8, y, y)
 
-    return w4a4_gemm_cpu
+    return w4a4.with_attr("global_symbol", name)
 
 
 def _nibble(byte, high):
