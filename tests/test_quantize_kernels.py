@@ -359,25 +359,6 @@ def _gpu_arch() -> str:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ("rmsnorm", "reorder"))
-def test_gpu_capped_grid_walks_every_tile(kind, rng):
-    """Enough rows that every block of a capped grid (`_MAX_BLOCKS`) quantizes several tiles:
-    bit-exact against the reference, so no tile is skipped, repeated or restaged too early."""
-    k, group_size, n_outliers = 4096, 128, 128
-    cap = qk._MAX_BLOCKS[kind]
-    if cap is None:
-        pytest.skip(f"the {kind} kernel runs one block per tile")
-    slots = qk.word_slots(kind, k)
-    tile_rows = slots - 1 if kind == "rmsnorm" else slots  # RMSNorm's last slot carries w
-    rows = 3 * tile_rows * cap + 5
-    inputs = make_inputs(kind, rows, k, group_size, rng)
-    func, args, ref, values = kernel_and_ref(kind, k, group_size, n_outliers, "cuda", inputs)
-    exe = qk.build(func, "cuda", (_gpu_arch(),))
-    got = run(exe, func, args, rows, k, group_size, n_outliers, tvm.cuda(0))
-    check(kind, got, ref, values, group_size, n_outliers, f"rows={rows}")
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("k,group_size,n_outliers", SHAPES + [(14336, 128, 128)] + EXTRA_SHAPES)
 def test_gpu_kernels_match_reference(k, group_size, n_outliers, rng):
     """CUDA variants on the GPU: rmsnorm/reorder bit-exact, silu within the exp tolerance."""

@@ -57,10 +57,9 @@ store of packed INT4), so an INT4 group of 64 / 128 channels is 8 / 16 consecuti
 warp and its absmax is a 3 / 4-step XOR shuffle; the outlier block's absmax and the RMSNorm sum
 of squares are block reductions (warp shuffles, then the warp results through shared memory).
 SiLU-mul: one block of 256 threads per row, straight from global memory. The two reordering
-kernels: blocks of 128 threads (the LANES of the sum), each quantizing tiles of R rows, R = 2
-for reorder and 3 for RMSNorm (1 above 6144 channels; `word_slots`); reorder's grid is capped
-at one wave of blocks, which stride over the tiles (`_MAX_BLOCKS`). The block stages a tile in
-shared memory interleaved, one word per channel holding that channel of every row (and of the
+kernels: one block per tile of R rows, R = 3 for RMSNorm (1 above 6144 channels; `word_slots`)
+in blocks of 128 threads (the LANES of the sum), R = 2 for reorder in blocks of 256
+(`_REORDER_THREADS`). The block stages a tile in shared memory interleaved, one word per channel holding that channel of every row (and of the
 RMSNorm weight), so that one gather through the reorder index serves all R rows; see
 `_cuda_reorder_kernel` for why, and `swizzled_word` for RMSNorm's bank layout.
 """
@@ -109,7 +108,7 @@ _ROUND_MAGIC_BITS = 0x4B400000  # the float32 bits of _ROUND_MAGIC
 _SILU_THREADS = 256
 #: float16 slots per staged shared-memory word of the reordering CUDA kernels (rows per block,
 #: plus w for RMSNorm), as measured best on the H200 at H = 4096 (docs/bench/quantize_kernels.md):
-#: reorder 2 (two rows, 17 KiB of shared memory per block, 10 blocks per SM), RMSNorm 4 (three
+#: reorder 2 (two rows, 17 KiB of shared memory per block), RMSNorm 4 (three
 #: rows, amortizing the per-row block reductions and square roots). Fewer slots mean more blocks
 #: per SM, more rows share the gathers and the index reads; 8 lost for both (3 blocks per SM).
 _SLOTS = {"reorder": 2, "rmsnorm": 4}
@@ -118,13 +117,11 @@ _STAGE_BYTES = 48 * 1024
 #: ... down to 2, which may use up to this much (dynamic shared memory, which TVM's runtime grants
 #: beyond the 48 KiB default; within the 99 KiB a block may have on sm_86/sm_89).
 _MAX_STAGE_BYTES = 96 * 1024
-#: Grid size cap of the reordering CUDA kernels (None: one block per tile of rows); the blocks of
-#: a capped grid walk the tiles with a stride of the grid size. Reorder: 10 blocks per SM of the
-#: H200's 132, one wave of what its registers allow (48 per thread in the tile loop), measured
-#: faster than one block per tile at 8192 and 16384 rows (docs/bench/quantize_kernels.md).
-#: RMSNorm: none; in the tile loop nvcc keeps the index in registers (109 per thread, 4 blocks
-#: per SM instead of 7). On other GPUs the cap only changes the schedule, not the result.
-_MAX_BLOCKS = {"reorder": 10 * 132, "rmsnorm": None}
+#: Threads per block of the reorder kernel (RMSNorm's are the LANES of its sum). 256 rather than
+#: 128: half the work per thread shortens a tile's latency chain (32 registers, 8 blocks per SM),
+#: which measured faster at every size, decode included, than 128 threads in a grid capped at one
+#: wave of blocks walking the tiles (docs/bench/quantize_kernels.md, session 11).
+_REORDER_THREADS = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,7 +729,7 @@ def word_slots(kind: str, k: int) -> int:
 
 
 def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
-    """RMSNorm + reorder + quantize, or reorder + quantize: R rows per block of 128 threads.
+    """RMSNorm + reorder + quantize, or reorder + quantize: one block per tile of R rows.
 
     The reorder is a random gather; from global memory it would touch a different 128-byte line
     per lane, so the rows are staged in shared memory and gathered from there, where a warp's 32
@@ -752,20 +749,22 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
     latency-bound, so ``_SLOTS`` trades rows per block against blocks per SM, and the per-chunk
     code is straight-line with each step done for all R rows before the next, so the rows'
     dependency chains (shuffles, reciprocal, codes) overlap. Cutting a fifth of the reorder
-    kernel's instructions gained little for that reason; a grid capped at one wave of blocks
-    (`_MAX_BLOCKS`), each walking several tiles, gained more.
+    kernel's instructions gained little for that reason; shorter chains gained more (reorder's
+    256 threads, `_REORDER_THREADS`).
     """
     K, N, O, G = spec.k, spec.normal, spec.n_outliers, spec.group_size
     rms = spec.kind == "rmsnorm"
     c4, c8, eps = spec.c4, spec.c8, spec.eps
+    threads = LANES if rms else _REORDER_THREADS
+    warps = threads // _WARP
     slots = word_slots(spec.kind, K)
     R = slots - 1 if rms else slots  # rows per block; RMSNorm's last slot carries w
     wu = slots // 2  # uint32 per word
     chunks = K // VEC  # 8-channel chunks of a row
-    in_steps = -(-chunks // LANES)
+    in_steps = -(-chunks // threads)
     q_chunks = N // VEC  # chunks of INT4 channels
-    q_steps = -(-q_chunks // LANES)
-    o_steps = -(-O // LANES)  # outlier channels a lane handles, one at a time
+    q_steps = -(-q_chunks // threads)
+    o_steps = -(-O // threads)  # outlier channels a lane handles, one at a time
     group_lanes = G // VEC  # consecutive lanes that share one INT4 scale
 
     def value(gw, e, r, rs):
@@ -787,22 +786,22 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
         # squares of each row in the lane order of the module docstring (8-channel chunks).
         xv = T.alloc_local((in_steps * slots * VEC,), "float16")
         for step in T.unroll(in_steps):
-            if tx + step * LANES < chunks:
+            if tx + step * threads < chunks:
                 for r in T.unroll(R):
                     for e in T.vectorized(VEC):
                         xv[(step * slots + r) * VEC + e] = X[
-                            T.min(row0 + r, M - 1), (tx + step * LANES) * VEC + e]
+                            T.min(row0 + r, M - 1), (tx + step * threads) * VEC + e]
                 for e in T.vectorized(VEC):
-                    xv[(step * slots + R) * VEC + e] = W[(tx + step * LANES) * VEC + e]
+                    xv[(step * slots + R) * VEC + e] = W[(tx + step * threads) * VEC + e]
         for step in T.unroll(in_steps):
-            if tx + step * LANES < chunks:
+            if tx + step * threads < chunks:
                 words = T.alloc_local((VEC * wu,), "uint32")
                 for e in T.unroll(VEC):
                     for u in T.unroll(wu):
                         words[e * wu + u] = _pair(xv[(step * slots + 2 * u) * VEC + e],
                                                   xv[(step * slots + 2 * u + 1) * VEC + e])
                 for p in T.unroll(slots):
-                    first = swizzled_word((tx + step * LANES) * VEC + p * (VEC // slots), slots)
+                    first = swizzled_word((tx + step * threads) * VEC + p * (VEC // slots), slots)
                     for u in T.vectorized(4):
                         xs[first * wu + u] = words[p * 4 + u]
                 for r in T.unroll(R):
@@ -815,24 +814,24 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
     # gathers read word ``index[j]`` as it is.
     piece = 16 // (2 * slots)  # channels per 16-byte piece of staged words
     pieces = K // piece
-    piece_steps = -(-pieces // LANES)
+    piece_steps = -(-pieces // threads)
 
     @T.macro
     def stage_reorder(X, xs, row0, M, tx):
         xv = T.alloc_local((piece_steps * R * piece,), "float16")
         for step in T.unroll(piece_steps):
-            if tx + step * LANES < pieces:
+            if tx + step * threads < pieces:
                 for r in T.unroll(R):
                     for e in T.vectorized(piece):
                         xv[(step * R + r) * piece + e] = X[
-                            T.min(row0 + r, M - 1), (tx + step * LANES) * piece + e]
+                            T.min(row0 + r, M - 1), (tx + step * threads) * piece + e]
         for step in T.unroll(piece_steps):
-            if tx + step * LANES < pieces:
+            if tx + step * threads < pieces:
                 words = T.alloc_local((piece,), "uint32")
                 for e in T.unroll(piece):
                     words[e] = _pair(xv[step * R * piece + e], xv[(step * R + 1) * piece + e])
                 for e in T.vectorized(piece):
-                    xs[(tx + step * LANES) * piece + e] = words[e]
+                    xs[(tx + step * threads) * piece + e] = words[e]
 
     @T.macro
     def quantize_rows(xs, Idx, rs, row0, M, tx, Q4w, S4, Q8, S8, part_max):
@@ -843,13 +842,13 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             for step in T.unroll(o_steps):
                 for u in T.unroll(wu):
                     gw[u] = T.uint32(0)
-                if tx + step * LANES < O:
-                    ids[0] = Idx[N + tx + step * LANES]
+                if tx + step * threads < O:
+                    ids[0] = Idx[N + tx + step * threads]
                     for u in T.vectorized(wu):
                         gw[u] = xs[staged_word(ids[0]) * wu + u]
                 for r in T.unroll(R):
                     ov[step * R + r] = value(gw, 0, r, rs)
-            _quantize_outliers(ov, R, row0, M, tx, LANES, o_steps, Q8, S8, part_max, O, c8)
+            _quantize_outliers(ov, R, row0, M, tx, threads, o_steps, Q8, S8, part_max, O, c8)
         elif tx < R and row0 + tx < M:
             S8[row0 + tx, 0] = T.float16(0)
         vals = T.alloc_local((R * VEC,), "float32")
@@ -857,9 +856,9 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
         for step in T.unroll(q_steps):
             for i in T.unroll(VEC * wu):
                 gw[i] = T.uint32(0)  # lanes past the INT4 part quantize zeros
-            if tx + step * LANES < q_chunks:
+            if tx + step * threads < q_chunks:
                 for e in T.vectorized(VEC):
-                    ids[e] = Idx[(tx + step * LANES) * VEC + e]
+                    ids[e] = Idx[(tx + step * threads) * VEC + e]
                 for e in T.unroll(VEC):
                     for u in T.vectorized(wu):
                         gw[e * wu + u] = xs[staged_word(ids[e]) * wu + u]
@@ -870,18 +869,11 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
                 _float_group_absmax(vals, amax, R, group_lanes)
             else:
                 _paired_group_absmax(gw, amax, group_lanes)
-            _quantize_chunks(vals, amax, R, tx + step * LANES, tx + step * LANES < q_chunks,
+            _quantize_chunks(vals, amax, R, tx + step * threads, tx + step * threads < q_chunks,
                              row0, M, Q4w, S4, group_lanes, c4, True)
-
-    cap = _MAX_BLOCKS[spec.kind]
 
     def tiles(M):
         return (M + R - 1) // R
-
-    def blocks(M):
-        """Grid size: one block per tile, at most `cap` (inlined: a bound variable would be
-        undefined on the host)."""
-        return T.min(tiles(M), cap)
 
     if rms:
 
@@ -891,7 +883,7 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             for r in T.unroll(R):
                 sumsq[r] = T.float32(0)
             stage_rms(X, W, xs, row0, M, tx, sumsq)
-            _block_reduce(sumsq, R, part_sum, tx, _WARPS, _add)  # its barrier also publishes xs
+            _block_reduce(sumsq, R, part_sum, tx, warps, _add)  # its barrier also publishes xs
             rs = T.alloc_local((R,), "float32")
             for r in T.unroll(R):
                 rs[r] = _cuda_rms_reciprocal(sumsq[r], K, eps)
@@ -910,23 +902,12 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             Q8 = T.match_buffer(q8_h, (M, O), "int8")
             S8 = T.match_buffer(s8_h, (M, 1), "float16")
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
-            if cap is None:
-                block = T.launch_thread("blockIdx.x", tiles(M))
-                tx = T.launch_thread("threadIdx.x", LANES)
-                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
-                part_sum = T.alloc_shared((R * _WARPS,), "float32")
-                part_max = T.alloc_shared((R * _WARPS,), "float32")
-                tile(X, W, Idx, Q4w, S4, Q8, S8, xs, part_sum, part_max, block * R, M, tx)
-            else:
-                block = T.launch_thread("blockIdx.x", blocks(M))
-                tx = T.launch_thread("threadIdx.x", LANES)
-                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
-                part_sum = T.alloc_shared((R * _WARPS,), "float32")
-                part_max = T.alloc_shared((R * _WARPS,), "float32")
-                for it in T.serial((tiles(M) - block + blocks(M) - 1) // blocks(M)):
-                    tile(X, W, Idx, Q4w, S4, Q8, S8, xs, part_sum, part_max,
-                         (block + it * blocks(M)) * R, M, tx)
-                    T.tvm_storage_sync("shared")  # the next tile restages xs
+            block = T.launch_thread("blockIdx.x", tiles(M))
+            tx = T.launch_thread("threadIdx.x", threads)
+            xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+            part_sum = T.alloc_shared((R * warps,), "float32")
+            part_max = T.alloc_shared((R * warps,), "float32")
+            tile(X, W, Idx, Q4w, S4, Q8, S8, xs, part_sum, part_max, block * R, M, tx)
 
     else:
 
@@ -948,20 +929,11 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             Q8 = T.match_buffer(q8_h, (M, O), "int8")
             S8 = T.match_buffer(s8_h, (M, 1), "float16")
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
-            if cap is None:
-                block = T.launch_thread("blockIdx.x", tiles(M))
-                tx = T.launch_thread("threadIdx.x", LANES)
-                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
-                part_max = T.alloc_shared((R * _WARPS,), "float32")
-                tile(X, Idx, Q4w, S4, Q8, S8, xs, part_max, block * R, M, tx)
-            else:
-                block = T.launch_thread("blockIdx.x", blocks(M))
-                tx = T.launch_thread("threadIdx.x", LANES)
-                xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
-                part_max = T.alloc_shared((R * _WARPS,), "float32")
-                for it in T.serial((tiles(M) - block + blocks(M) - 1) // blocks(M)):
-                    tile(X, Idx, Q4w, S4, Q8, S8, xs, part_max, (block + it * blocks(M)) * R, M, tx)
-                    T.tvm_storage_sync("shared")  # the next tile restages xs
+            block = T.launch_thread("blockIdx.x", tiles(M))
+            tx = T.launch_thread("threadIdx.x", threads)
+            xs = T.alloc_buffer((K * wu,), "uint32", scope="shared.dyn")
+            part_max = T.alloc_shared((R * warps,), "float32")
+            tile(X, Idx, Q4w, S4, Q8, S8, xs, part_max, block * R, M, tx)
 
     return cuda
 
