@@ -1,0 +1,124 @@
+"""Accuracy of two changes to Atom's algorithm that would make the RMSNorm quantizer cheaper.
+
+The fused RMSNorm + reorder + quantize kernel misses its bandwidth target on the H200 because of
+its per-element work (docs/bench/quantize_kernels.md): a gather through each layer's own reorder
+index, two multiplies (1/rms, then the norm weight) before the group absmax. Two changes would
+remove most of it, but each changes what Atom quantizes, so this measures what each costs in
+perplexity (simulated, as `python -m atom_tvm.ablation` does, on the same windows):
+
+* ``fold-norm``: every decoder norm's weight folded into the columns of the Linears it feeds
+  (q/k/v, gate/up), the norm weights set to 1. Exact in real arithmetic; but the activations
+  quantized are then ``x * rs``, not ``x * rs * w``, so outliers and groups are chosen and
+  quantized on other values (calibration runs on the folded model). The kernel would compute its
+  INT4 codes from the stored ``x`` alone and apply 1/rms to the scales.
+* ``one-order``: one channel order for the whole residual stream: the attention and MLP inputs of
+  every layer share a permutation, chosen on the sum over all those sites of their calibration
+  sum of squares (each normalized to sum 1, so no layer dominates). The residual stream could then
+  be stored in that order and the kernel would read rows in order, like SiLU-mul.
+
+Rows: ``atom-w4a4`` (the paper's per-layer orders: what packages run), the two changes, and both.
+
+    python bench/rmsnorm_variants_accuracy.py --model models/SmolLM2-135M-Instruct --group-size 64 \\
+        --json docs/bench/rmsnorm_variants_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atom_tvm.datasets import WIKIPEDIA, calibration_source, held_out_windows  # noqa: E402
+from atom_tvm.eval import hf_window_logits, perplexity  # noqa: E402
+from atom_tvm.quantization.calibrate import CalibrationStats, calibrate, load_float_model  # noqa: E402
+from atom_tvm.quantization.reorder import SITE_LINEARS  # noqa: E402
+from atom_tvm.quantization.simulate import preset, simulate  # noqa: E402
+from atom_tvm.staging import atomic_output  # noqa: E402
+
+#: Norm-fed sites: (site, the norm that produces it, the Linears that read it).
+NORM_SITES = (
+    ("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+ROWS = ("atom-w4a4", "fold-norm", "one-order", "fold-norm + one-order")
+
+
+def fold_norm_weights(model) -> None:
+    """Scale each norm-fed Linear's input columns by its norm's weight and set that weight to 1."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for _, norm_name, linears in NORM_SITES:
+                norm = getattr(layer, norm_name)
+                for name in linears:
+                    linear = layer.get_submodule(name)
+                    linear.weight.mul_(norm.weight[None, :])
+                norm.weight.fill_(1.0)
+
+
+def one_residual_order(stats: CalibrationStats, n_layers: int) -> CalibrationStats:
+    """``stats`` with every norm-fed site's sum of squares replaced by their normalized sum, so
+    that the reorder plan gives them all one permutation (Hessians and other sites unchanged)."""
+    keys = [stats.sites[f"model.layers.{i}.{SITE_LINEARS[site]}"]
+            for i in range(n_layers) for site, _, _ in NORM_SITES]
+    shared = sum(stats.sumsq[k] / stats.sumsq[k].sum() for k in keys)
+    sumsq = dict(stats.sumsq)
+    sumsq.update({k: shared for k in keys})
+    return dataclasses.replace(stats, sumsq=sumsq)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory")
+    p.add_argument("--text", default=WIKIPEDIA)
+    p.add_argument("--group-size", type=int, default=128, help="64 or 128 (SmolLM2 needs 64)")
+    p.add_argument("--n-outliers", type=int, default=128)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--calib-window-length", type=int, default=512)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    cfg = preset("atom-w4a4", group_size=args.group_size, n_outliers=args.n_outliers)
+    windows = held_out_windows(args.model, args.text, args.window, args.eval_windows)
+    calib_text, calib_split = calibration_source(args.text)
+    stats = {}
+    rows = []
+    for row in ROWS:
+        fold = row.startswith("fold-norm")
+        t0 = time.perf_counter()
+        model = load_float_model(args.model)
+        if fold:
+            fold_norm_weights(model)
+        if fold not in stats:  # calibrate the model that is quantized: folded or not
+            stats[fold] = calibrate(args.model, calib_text, calib_split, args.calib_windows,
+                                    args.calib_window_length, hessian=True, model=model)
+        row_stats = stats[fold]
+        if row.endswith("one-order"):
+            row_stats = one_residual_order(row_stats, len(model.model.layers))
+        result = perplexity(hf_window_logits(simulate(model, cfg, row_stats)), windows)
+        rows.append({"row": row, **result, "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{row:24s} ppl {result['ppl']:8.3f}", flush=True)
+
+    base = rows[0]["ppl"]
+    print(f"\n{'variant':24s} {'ppl':>8s} {'vs atom-w4a4':>13s}")
+    for r in rows:
+        print(f"{r['row']:24s} {r['ppl']:8.3f} {100 * (r['ppl'] / base - 1):+12.2f}%")
+    if args.json:
+        report = {"model": str(args.model), "text": str(args.text), "config": dataclasses.asdict(cfg),
+                  "evaluation": {"split": "test", "windows": int(windows.shape[0]), "window": args.window},
+                  "calibration": stats[False].info, "command": "python " + " ".join(sys.argv), "rows": rows}
+        with atomic_output(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
