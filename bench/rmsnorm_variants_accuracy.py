@@ -17,6 +17,8 @@ perplexity (simulated, as `python -m atom_tvm.ablation` does, on the same window
   be stored in that order and the kernel would read rows in order, like SiLU-mul.
 
 Rows: ``atom-w4a4`` (the paper's per-layer orders: what packages run), the two changes, and both.
+Each row also gives its mean per-token NLL minus atom-w4a4's with the standard error of that
+difference over the windows (paired: the same windows), to tell a change from noise.
 
     python bench/rmsnorm_variants_accuracy.py --model models/SmolLM2-135M-Instruct --group-size 64 \\
         --json docs/bench/rmsnorm_variants_accuracy.json
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_tvm.datasets import WIKIPEDIA, calibration_source, held_out_windows  # noqa: E402
-from atom_tvm.eval import hf_window_logits, perplexity  # noqa: E402
+from atom_tvm.eval import hf_window_logits, window_nll  # noqa: E402
 from atom_tvm.quantization.calibrate import CalibrationStats, calibrate, load_float_model  # noqa: E402
 from atom_tvm.quantization.reorder import SITE_LINEARS  # noqa: E402
 from atom_tvm.quantization.simulate import preset, simulate  # noqa: E402
@@ -103,14 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         row_stats = stats[fold]
         if row.endswith("one-order"):
             row_stats = one_residual_order(row_stats, len(model.model.layers))
-        result = perplexity(hf_window_logits(simulate(model, cfg, row_stats)), windows)
-        rows.append({"row": row, **result, "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{row:24s} ppl {result['ppl']:8.3f}", flush=True)
+        logits = hf_window_logits(simulate(model, cfg, row_stats))
+        nll = [window_nll(logits(ids), ids) / (len(ids) - 1) for ids in windows]  # per token
+        rows.append({"row": row, "ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll,
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{row:24s} ppl {rows[-1]['ppl']:8.3f}", flush=True)
 
-    base = rows[0]["ppl"]
-    print(f"\n{'variant':24s} {'ppl':>8s} {'vs atom-w4a4':>13s}")
+    base = rows[0]
+    print(f"\n{'variant':24s} {'ppl':>8s} {'vs atom-w4a4':>13s} {'NLL diff +- s.e.':>20s}")
     for r in rows:
-        print(f"{r['row']:24s} {r['ppl']:8.3f} {100 * (r['ppl'] / base - 1):+12.2f}%")
+        diff = [a - b for a, b in zip(r["window_nll"], base["window_nll"])]
+        mean = sum(diff) / len(diff)
+        se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff))
+        r["nll_diff"], r["nll_diff_se"] = mean, se
+        print(f"{r['row']:24s} {r['ppl']:8.3f} {100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% "
+              f"{mean:+10.4f} +- {se:.4f}")
     if args.json:
         report = {"model": str(args.model), "text": str(args.text), "config": dataclasses.asdict(cfg),
                   "evaluation": {"split": "test", "windows": int(windows.shape[0]), "window": args.window},
