@@ -59,9 +59,10 @@ of squares are block reductions (warp shuffles, then the warp results through sh
 SiLU-mul: one block of 256 threads per row, straight from global memory. The two reordering
 kernels: one block per tile of R rows, R = 3 for RMSNorm (1 above 6144 channels; `word_slots`)
 in blocks of 128 threads (the LANES of the sum), R = 2 for reorder in blocks of 256
-(`_REORDER_THREADS`). The block stages a tile in shared memory interleaved, one word per channel holding that channel of every row (and of the
-RMSNorm weight), so that one gather through the reorder index serves all R rows; see
-`_cuda_reorder_kernel` for why, and `swizzled_word` for RMSNorm's bank layout.
+(`_REORDER_THREADS`). The block stages a tile in shared memory interleaved, one word per
+channel holding that channel of every row (and of the RMSNorm weight), so that one gather
+through the reorder index serves all R rows; see `_cuda_reorder_kernel` for why, and
+`swizzled_word` for RMSNorm's bank layout.
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ _ROUND_MAGIC_BITS = 0x4B400000  # the float32 bits of _ROUND_MAGIC
 _SILU_THREADS = 256
 #: float16 slots per staged shared-memory word of the reordering CUDA kernels (rows per block,
 #: plus w for RMSNorm), as measured best on the H200 at H = 4096 (docs/bench/quantize_kernels.md):
-#: reorder 2 (two rows, 17 KiB of shared memory per block), RMSNorm 4 (three
-#: rows, amortizing the per-row block reductions and square roots). Fewer slots mean more blocks
-#: per SM, more rows share the gathers and the index reads; 8 lost for both (3 blocks per SM).
+#: reorder 2 (two rows, 17 KiB of shared memory per block), RMSNorm 4 (three rows, amortizing
+#: the per-row block reductions and square roots). Fewer slots mean more blocks per SM, more
+#: rows share the gathers and the index reads; 8 lost for both (3 blocks per SM).
 _SLOTS = {"reorder": 2, "rmsnorm": 4}
 #: Staged rows beyond this many bytes per block take fewer slots (occupancy) ...
 _STAGE_BYTES = 48 * 1024
@@ -118,9 +119,10 @@ _STAGE_BYTES = 48 * 1024
 #: beyond the 48 KiB default; within the 99 KiB a block may have on sm_86/sm_89).
 _MAX_STAGE_BYTES = 96 * 1024
 #: Threads per block of the reorder kernel (RMSNorm's are the LANES of its sum). 256 rather than
-#: 128: half the work per thread shortens a tile's latency chain (32 registers, 8 blocks per SM),
-#: which measured faster at every size, decode included, than 128 threads in a grid capped at one
-#: wave of blocks walking the tiles (docs/bench/quantize_kernels.md, session 11).
+#: 128: half the work per thread shortens a tile's latency chain (32 registers, 8 blocks per SM).
+#: On an H100 it was as fast or faster at every size, 17-21% for decode rows, than 128 threads in
+#: a grid capped at one wave of blocks walking the tiles (docs/bench/quantize_kernels.md, session
+#: 11; not yet measured on an H200).
 _REORDER_THREADS = 256
 
 
