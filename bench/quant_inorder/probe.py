@@ -25,7 +25,8 @@ def outs_for(rows, k, g, o, dev, poison=False):
     outs = []
     for shape, dtype in qk.output_shapes(rows, k, g, o):
         if poison:
-            a = np.full(shape, 0x7B, np.uint8).view(dtype) if dtype in ("uint8", "int8") else np.full(shape, np.nan, dtype)
+            integer = dtype in ("uint8", "int8")
+            a = np.full(shape, 0x7B, np.uint8).view(dtype) if integer else np.full(shape, np.nan, dtype)
         else:
             a = np.empty(shape, dtype)
         outs.append(tvm.runtime.tensor(a, dev))
@@ -38,7 +39,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     dev = tvm.cuda(0)
-    report = {"device": dev.device_name, "checks": [], "timings": [], "command": "python " + " ".join(sys.argv)}
+    report = {"device": dev.device_name, "checks": [], "timings": [],
+              "command": "python " + " ".join(sys.argv)}
     dump = lambda: args.json and args.json.write_text(json.dumps(report, indent=1) + "\n")
     shapes = [(576, 64, 128), (576, 64, 0), (4096, 128, 128), (5120, 128, 128), (14336, 128, 128)]
     funcs = {}
@@ -62,9 +64,11 @@ def main():
             ref = qk.rmsnorm_reorder_quantize_ref(inp["x"], inp["weight"], ident, g, o, CLIP, EPS)
             outs = outs_for(rows, k, g, o, dev, poison=True)
             f = inorder_rmsnorm_quantize(k, g, o, CLIP, EPS)
-            exe[f.attrs["global_symbol"]](tvm.runtime.tensor(inp["x"], dev), tvm.runtime.tensor(inp["weight"], dev), *outs)
+            exe[f.attrs["global_symbol"]](tvm.runtime.tensor(inp["x"], dev),
+                                          tvm.runtime.tensor(inp["weight"], dev), *outs)
             got = [t.numpy() for t in outs]
-            d = {n: int((np.ascontiguousarray(a).view(np.uint8) != np.ascontiguousarray(b).view(np.uint8)).sum())
+            bytes_ = lambda t: np.ascontiguousarray(t).view(np.uint8)
+            d = {n: int((bytes_(a) != bytes_(b)).sum())
                  for n, a, b in zip(("q4", "s4", "q8", "s8"), got, [ref.q4, ref.s4, ref.q8, ref.s8])}
             good = not any(d.values())
             ok &= good
@@ -86,11 +90,12 @@ def main():
             shapes_ = qk.output_shapes(rows, k, 128, 128)
             moved = rows * k * 2 + sum(math.prod(s) * np.dtype(d).itemsize for s, d in shapes_)
             n_sets = max(2, min(8, math.ceil(3 * L2_BYTES / moved)))
-            sets = [(tvm.runtime.tensor(_random_fp16((rows, k), rng, block), dev), outs_for(rows, k, 128, 128, dev))
-                    for _ in range(n_sets)]
+            sets = [(tvm.runtime.tensor(_random_fp16((rows, k), rng, block), dev),
+                     outs_for(rows, k, 128, 128, dev)) for _ in range(n_sets)]
             calls = max(n_sets, 20)
-            kern = {"staged": lambda c, f=fn(("staged", k, 128, 128)), s=sets: f(s[c % n_sets][0], w, idx, *s[c % n_sets][1]),
-                    "inorder": lambda c, f=fn(("inorder", k, 128, 128)), s=sets: f(s[c % n_sets][0], w, *s[c % n_sets][1])}
+            staged, inorder = fn(("staged", k, 128, 128)), fn(("inorder", k, 128, 128))
+            kern = {"staged": lambda c, s=sets: staged(s[c % n_sets][0], w, idx, *s[c % n_sets][1]),
+                    "inorder": lambda c, s=sets: inorder(s[c % n_sets][0], w, *s[c % n_sets][1])}
             for call in kern.values():
                 for c in range(n_sets):
                     call(c)
@@ -104,7 +109,8 @@ def main():
                 us = statistics.median(times[n])
                 pct = 100 * moved / us / 1e3 / copy
                 report["timings"].append({"kernel": n, "K": k, "rows": rows, "gpu_us": round(us, 2),
-                                          "pct_of_copy": round(pct, 1), "pct_of_4238": round(100 * moved / us / 1e3 / 4238, 1)})
+                                          "pct_of_copy": round(pct, 1),
+                                          "pct_of_4238": round(100 * moved / us / 1e3 / 4238, 1)})
                 line.append(f"{n} {us:7.2f} us ({pct:5.1f}% of copy)")
             print(f"K={k} M={rows:6d}: " + " | ".join(line), flush=True)
             del sets
