@@ -279,6 +279,16 @@ def _generate(spec: _Spec, variant: str) -> tirx.PrimFunc:
     return func.with_attr("global_symbol", f"{spec.name}_{variant}")
 
 
+def _match_outputs(q4, s4, q8, s8, rows, spec: _Spec):
+    """The four output buffers of a kernel (`output_shapes`) for ``rows`` tokens."""
+    return (
+        T.match_buffer(q4, (rows, spec.normal // 2), "uint8"),
+        T.match_buffer(s4, (rows, spec.normal // spec.group_size), "float16"),
+        T.match_buffer(q8, (rows, spec.n_outliers), "int8"),
+        T.match_buffer(s8, (rows, 1), "float16"),
+    )
+
+
 def build(func: tirx.PrimFunc, variant: str, archs: tuple[str, ...] = ("sm_90a",)):
     """Compile one kernel (or an IRModule of several) for its variant's target.
 
@@ -481,10 +491,7 @@ def _cpu_kernel(spec: _Spec) -> tirx.PrimFunc:
             X = T.match_buffer(x_h, (M, K), "float16")
             W = T.match_buffer(w_h, (K,), "float16")
             Idx = T.match_buffer(idx_h, (K,), "int32")
-            Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
-            S4 = T.match_buffer(s4_h, (M, N // G), "float16")
-            Q8 = T.match_buffer(q8_h, (M, O), "int8")
-            S8 = T.match_buffer(s8_h, (M, 1), "float16")
+            Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
             for m in T.parallel(M):
                 lanes = T.decl_buffer((LANES,), "float32")
                 tmp = T.decl_buffer((LANES,), "float32")
@@ -516,10 +523,7 @@ def _cpu_kernel(spec: _Spec) -> tirx.PrimFunc:
             T.func_attr({"tirx.noalias": True})
             M = T.int64()
             GU = T.match_buffer(gu_h, (M, 2 * K), "float16")
-            Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
-            S4 = T.match_buffer(s4_h, (M, N // G), "float16")
-            Q8 = T.match_buffer(q8_h, (M, O), "int8")
-            S8 = T.match_buffer(s8_h, (M, 1), "float16")
+            Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
             for m in T.parallel(M):
                 y = T.decl_buffer((K,), "float32")
                 for j in range(K):
@@ -535,10 +539,7 @@ def _cpu_kernel(spec: _Spec) -> tirx.PrimFunc:
             M = T.int64()
             X = T.match_buffer(x_h, (M, K), "float16")
             Idx = T.match_buffer(idx_h, (K,), "int32")
-            Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
-            S4 = T.match_buffer(s4_h, (M, N // G), "float16")
-            Q8 = T.match_buffer(q8_h, (M, O), "int8")
-            S8 = T.match_buffer(s8_h, (M, 1), "float16")
+            Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
             for m in T.parallel(M):
                 y = T.decl_buffer((K,), "float32")
                 for j in range(K):
@@ -899,10 +900,7 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             X = T.match_buffer(x_h, (M, K), "float16")
             W = T.match_buffer(w_h, (K,), "float16")
             Idx = T.match_buffer(idx_h, (K,), "int32")
-            Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
-            S4 = T.match_buffer(s4_h, (M, N // G), "float16")
-            Q8 = T.match_buffer(q8_h, (M, O), "int8")
-            S8 = T.match_buffer(s8_h, (M, 1), "float16")
+            Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
             block = T.launch_thread("blockIdx.x", tiles(M))
             tx = T.launch_thread("threadIdx.x", threads)
@@ -926,10 +924,7 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
             M = T.int64()
             X = T.match_buffer(x_h, (M, K), "float16")
             Idx = T.match_buffer(idx_h, (K,), "int32")
-            Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
-            S4 = T.match_buffer(s4_h, (M, N // G), "float16")
-            Q8 = T.match_buffer(q8_h, (M, O), "int8")
-            S8 = T.match_buffer(s8_h, (M, 1), "float16")
+            Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
             Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
             block = T.launch_thread("blockIdx.x", tiles(M))
             tx = T.launch_thread("threadIdx.x", threads)
@@ -956,10 +951,7 @@ def _cuda_silu_kernel(spec: _Spec) -> tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         GU = T.match_buffer(gu_h, (M, 2 * K), "float16")
-        Q4 = T.match_buffer(q4_h, (M, N // 2), "uint8")
-        S4 = T.match_buffer(s4_h, (M, N // G), "float16")
-        Q8 = T.match_buffer(q8_h, (M, O), "int8")
-        S8 = T.match_buffer(s8_h, (M, 1), "float16")
+        Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
         Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
         row = T.launch_thread("blockIdx.x", M)
         tx = T.launch_thread("threadIdx.x", threads)
