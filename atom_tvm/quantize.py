@@ -9,11 +9,13 @@ GPTQ by default) -> write an *Atom checkpoint* directory (layout in docs/design.
 
 - `model.safetensors`: per layer the fused `self_attn.qkv_proj`, `self_attn.o_proj`, `mlp.gate_up_proj`,
   `mlp.down_proj` as `.q4` (uint8, two INT4 per byte), `.s4` (fp16 group scales), `.q8` (int8 outliers),
-  `.s8` (fp16 per-row outlier scale); the permuted norm weights; the runtime reorder indices
-  (`input_layernorm.reorder_index`, `post_attention_layernorm.reorder_index`,
-  `self_attn.o_proj.reorder_index`, int32); embeddings, final norm and lm_head in fp16.
-- `atom_quant_config.json`: the scheme (group size, outliers, clip ratios, GPTQ, KV bits), the calibration,
-  and ``tensor_parallel_shards`` (``--tensor-parallel-shards N``: o_proj and down_proj are then
+  `.s8` (fp16 per-row outlier scale); the permuted norm weights; the runtime reorder indices (int32:
+  `self_attn.o_proj.reorder_index`, and with ``--residual-order per-layer`` also
+  `input_layernorm.reorder_index` and `post_attention_layernorm.reorder_index`); embeddings, final
+  norm and lm_head in fp16 (with the default ``--residual-order shared``, in the residual stream's
+  stored channel order: see `atom_tvm.quantization.reorder`).
+- `atom_quant_config.json`: the scheme (group size, outliers, clip ratios, GPTQ, KV bits, residual
+  order), the calibration, and ``tensor_parallel_shards`` (``--tensor-parallel-shards N``: o_proj and down_proj are then
   quantized per shard slice, under ``<linear>.blocks.<b>.*``; see `quantized_tensors`).
 - `config.json` and the tokenizer files, copied.
 
@@ -37,7 +39,8 @@ from atom_tvm.package import write_json_atomic
 from atom_tvm.staging import check_output_dir, staged_output_dir
 
 QUANT_CONFIG = "atom_quant_config.json"
-LAYOUT_VERSION = 1
+# 2: the residual order (config "residual_order"; layout 1 checkpoints are all "per-layer").
+LAYOUT_VERSION = 2
 # Our model's fused matrices (relax_models/llama.py) and the Hugging Face Linears stacked into each,
 # in row order. All parts of one fused matrix read the same activation site.
 FUSED_LINEARS = {
@@ -85,8 +88,8 @@ def quantized_tensors(model, stats, qcfg, shards: int = 1, progress: bool = True
     from atom_tvm.quantization.simulate import quantize_atom_layout, reordered_hessian
 
     layers = model.model.layers
-    plan = plan_reorder(stats, len(layers), qcfg.n_outliers, shards)
-    apply_reorder(model, plan)
+    plan = plan_reorder(stats, len(layers), qcfg.n_outliers, shards, qcfg.residual_order)
+    apply_reorder(model, plan, qcfg.residual_order)
     tensors: dict[str, np.ndarray] = {}
 
     def fp16(t: "torch.Tensor") -> np.ndarray:
@@ -123,7 +126,7 @@ def quantized_tensors(model, stats, qcfg, shards: int = 1, progress: bool = True
                     [half for pair in zip(np.split(gate, shards), np.split(up, shards)) for half in pair]))
         tensors[prefix + "input_layernorm.weight"] = fp16(layer.input_layernorm.weight)
         tensors[prefix + "post_attention_layernorm.weight"] = fp16(layer.post_attention_layernorm.weight)
-        for site, perm in runtime_indices(plan)[i].items():
+        for site, perm in runtime_indices(plan, qcfg.residual_order)[i].items():
             if shards > 1 and site == "o_in":  # each block's index counts within its slice
                 for b, block in enumerate(np.split(perm, shards)):
                     tensors[f"{prefix}self_attn.o_proj.blocks.{b}.reorder_index"] = (
@@ -147,7 +150,8 @@ def quantize(args: argparse.Namespace) -> Path:
 
     # Input checks, cheapest first, before the model is loaded or anything is written.
     cfg = LlamaConfig.from_model_dir(args.model)
-    qcfg = preset("atom-w4a4", group_size=args.group_size, n_outliers=args.n_outliers, gptq=not args.no_gptq)
+    qcfg = preset("atom-w4a4", group_size=args.group_size, n_outliers=args.n_outliers, gptq=not args.no_gptq,
+                  residual_order=args.residual_order)
     check_sizes(cfg, qcfg.group_size, qcfg.n_outliers, args.tensor_parallel_shards)
     check_output_dir(args.output, args.force)
     tokenizer_files = read_tokenizer_files(args.model)
@@ -180,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="64 or 128 (default 128)")
     p.add_argument("--n-outliers", type=int, default=128, help="outlier channels kept in INT8 (default 128)")
     p.add_argument("--no-gptq", action="store_true", help="round-to-nearest weights instead of GPTQ")
+    p.add_argument("--residual-order", default="shared", choices=("shared", "per-layer"),
+                   help="the norm inputs' outlier order: one for all layers, with the residual stream stored in "
+                        "it (default; in-order norm kernels), or Atom's own per layer (a gather in every norm)")
     p.add_argument("--calib-text", default=WIKIPEDIA, help="'wikipedia', a text file or a corpus directory")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--calib-window-length", type=int, default=2048)

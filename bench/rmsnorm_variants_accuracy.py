@@ -13,10 +13,12 @@ perplexity (simulated, as `python -m atom_tvm.ablation` does, on the same window
   INT4 codes from the stored ``x`` alone and apply 1/rms to the scales.
 * ``one-order``: one channel order for the whole residual stream: the attention and MLP inputs of
   every layer share a permutation, chosen on the sum over all those sites of their calibration
-  sum of squares (each normalized to sum 1, so no layer dominates). The residual stream could then
-  be stored in that order and the kernel would read rows in order, like SiLU-mul.
+  sum of squares (each normalized to sum 1, so no layer dominates). The residual stream is then
+  stored in that order and the kernel reads rows in order, like SiLU-mul. (Adopted after this
+  study: it is `reorder`'s "shared" residual order, the default of `python -m atom_tvm.quantize`.)
 
-Rows: ``atom-w4a4`` (the paper's per-layer orders: what packages run), the two changes, and both.
+Rows: ``atom-w4a4`` (the paper's per-layer orders, what packages ran when this was measured), the
+two changes, and both.
 Each row also gives its mean per-token NLL minus atom-w4a4's with the standard error of that
 difference over the windows (paired: the same windows), to tell a change from noise.
 
@@ -38,8 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atom_tvm.datasets import WIKIPEDIA, calibration_source, held_out_windows  # noqa: E402
 from atom_tvm.eval import hf_window_logits, window_nll  # noqa: E402
-from atom_tvm.quantization.calibrate import CalibrationStats, calibrate, load_float_model  # noqa: E402
-from atom_tvm.quantization.reorder import SITE_LINEARS  # noqa: E402
+from atom_tvm.quantization.calibrate import calibrate, load_float_model  # noqa: E402
 from atom_tvm.quantization.simulate import preset, simulate  # noqa: E402
 from atom_tvm.staging import atomic_output  # noqa: E402
 
@@ -65,17 +66,6 @@ def fold_norm_weights(model) -> None:
                 norm.weight.fill_(1.0)
 
 
-def one_residual_order(stats: CalibrationStats, n_layers: int) -> CalibrationStats:
-    """``stats`` with every norm-fed site's sum of squares replaced by their normalized sum, so
-    that the reorder plan gives them all one permutation (Hessians and other sites unchanged)."""
-    keys = [stats.sites[f"model.layers.{i}.{SITE_LINEARS[site]}"]
-            for i in range(n_layers) for site, _, _ in NORM_SITES]
-    shared = sum(stats.sumsq[k] / stats.sumsq[k].sum() for k in keys)
-    sumsq = dict(stats.sumsq)
-    sumsq.update({k: shared for k in keys})
-    return dataclasses.replace(stats, sumsq=sumsq)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory")
@@ -90,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = preset("atom-w4a4", group_size=args.group_size, n_outliers=args.n_outliers)
+    orders = {False: dataclasses.replace(cfg, residual_order="per-layer"), True: cfg}
     windows = held_out_windows(args.model, args.text, args.window, args.eval_windows)
     calib_text, calib_split = calibration_source(args.text)
     stats = {}
@@ -103,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if fold not in stats:  # calibrate the model that is quantized: folded or not
             stats[fold] = calibrate(args.model, calib_text, calib_split, args.calib_windows,
                                     args.calib_window_length, hessian=True, model=model)
-        row_stats = stats[fold]
-        if row.endswith("one-order"):
-            row_stats = one_residual_order(row_stats, len(model.model.layers))
-        logits = hf_window_logits(simulate(model, cfg, row_stats))
+        logits = hf_window_logits(simulate(model, orders[row.endswith("one-order")], stats[fold]))
         nll = [window_nll(logits(ids), ids) / (len(ids) - 1) for ids in windows]  # per token
         rows.append({"row": row, "ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll,
                      "seconds": round(time.perf_counter() - t0, 1)})

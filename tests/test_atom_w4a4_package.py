@@ -49,27 +49,29 @@ PROMPT_LEN, STEPS, CHUNK = 37, 30, 16
 TINY_QUANT = ("--group-size", "64", "--n-outliers", "64", "--calib-windows", "4", "--calib-window-length", "128")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_tokenizer_dir):
-    """(HF dir, calibration text, Atom checkpoint, package)."""
+@pytest.fixture(scope="module", params=["shared", "per-layer"])
+def tiny(request, tmp_path_factory, tiny_tokenizer_dir):
+    """(HF dir, calibration text, Atom checkpoint, package), for each residual order."""
     root = tmp_path_factory.mktemp("tiny-atom")
     hf = save_tiny_llama(root / "hf", tiny_tokenizer_dir, seed=7, vary_norms=True)
     calib = calibration_text(root / "calib.txt")
     ckpt = root / "atom"
-    proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT)
+    proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT,
+                      "--residual-order", request.param)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pkg = build(["--model", str(ckpt), "--target", "llvm", "--quantization", "atom-w4a4", "-o", str(root / "pkg"),
                  "--prefill-chunk-size", str(CHUNK), "--context-window-size", "128", "--conv-template", "chatml"])
     return hf, calib, ckpt, pkg
 
 
-def simulated_logits(hf, calib, ids: list[int], half: bool) -> np.ndarray:
+def simulated_logits(hf, calib, ids: list[int], half: bool, residual_order: str) -> np.ndarray:
     from atom_tvm.quantization.calibrate import calibrate, load_float_model
     from atom_tvm.quantization.simulate import preset, simulate
 
     model = load_float_model(hf, "cpu")
     stats = calibrate(hf, str(calib), "train", 4, 128, hessian=True, model=model)
-    simulate(model, preset("atom-w4a4", group_size=64, n_outliers=64), stats, progress=False)
+    simulate(model, preset("atom-w4a4", group_size=64, n_outliers=64, residual_order=residual_order), stats,
+             progress=False)
     if half:
         model = model.half()
     with torch.no_grad():
@@ -80,6 +82,8 @@ def test_tiny_package_matches_the_simulation(tiny):
     hf, calib, ckpt, pkg = tiny
     config = json.loads((pkg / "mlc-chat-config.json").read_text())
     assert config["quantization"] == "atom-w4a4"
+    residual_order = config["quantization_config"]["residual_order"]
+    assert residual_order == json.loads((ckpt / "atom_quant_config.json").read_text())["config"]["residual_order"]
     assert {"name": "atom-w4a4", "group_size": 64, "n_outliers": 64, "kv_cache": "int4",
             "activation_clip": 0.9}.items() <= config["quantization_config"].items()
     chat = ChatModel(pkg, "cpu")
@@ -97,8 +101,8 @@ def test_tiny_package_matches_the_simulation(tiny):
     ours = np.stack(rows)
     ids = prompt + tokens[:-1]
     steps = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + STEPS)
-    sim = simulated_logits(hf, calib, ids, half=False)[steps]
-    sim_half = simulated_logits(hf, calib, ids, half=True)[steps]
+    sim = simulated_logits(hf, calib, ids, False, residual_order)[steps]
+    sim_half = simulated_logits(hf, calib, ids, True, residual_order)[steps]
     model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
     with torch.no_grad():
         float_logits = model(torch.tensor([ids])).logits[0].double().numpy()[steps]

@@ -46,11 +46,13 @@ def test_checkpoint_layout(checkpoints):
     assert t[qkv + ".s8"].shape == (960, 1)
     assert t["model.layers.29.mlp.down_proj.q4"].shape == (576, 704)  # (1536-128)/2
     assert t["model.layers.0.mlp.gate_up_proj.s4"].shape == (3072, 7)
-    for name in ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj"):
-        index = t[f"model.layers.3.{name}.reorder_index"]
-        assert index.dtype == np.int32 and sorted(index.tolist()) == list(range(576))
+    # The default shared residual order: o_proj's input is the only one gathered at run time.
+    index = t["model.layers.3.self_attn.o_proj.reorder_index"]
+    assert index.dtype == np.int32 and sorted(index.tolist()) == list(range(576))
+    assert not [name for name in t if name.endswith("layernorm.reorder_index")]
     assert "lm_head.weight" not in t and t["model.embed_tokens.weight"].dtype == np.float16
     config = json.loads((checkpoints["gptq"] / "atom_quant_config.json").read_text())
+    assert config["layout_version"] == 2 and config["config"]["residual_order"] == "shared"
     assert config["config"]["gptq"] and config["config"]["group_size"] == 64
     assert config["calibration"]["windows"] == 2 and config["calibration"]["split"] == "train"
     assert (checkpoints["gptq"] / "tokenizer.json").is_file()
@@ -58,17 +60,20 @@ def test_checkpoint_layout(checkpoints):
 
 def test_rtn_checkpoint_equals_the_simulation_and_gptq_beats_it_on_calibration_data(checkpoints, smollm2_dir):
     """The checkpoint holds exactly the weights the simulation predicts (RTN through the simulation's
-    independent per-span path); on the calibration Hessians GPTQ's layer output error is lower."""
+    independent per-span path), and the residual stream's tensors in its stored order; on the
+    calibration Hessians GPTQ's layer output error is lower."""
     from atom_tvm.quantization.calibrate import calibrate, load_float_model
     from atom_tvm.quantization.reorder import apply_reorder, plan_reorder
     from atom_tvm.quantization.simulate import preset, quantize_weight, reordered_hessian
 
     stats = calibrate(smollm2_dir, "wikipedia", "train", 2, 128, hessian=True, progress=False)
     model = load_float_model(smollm2_dir)
-    plan = plan_reorder(stats, 30, 128)
-    apply_reorder(model, plan)
+    embed = model.model.embed_tokens.weight.detach().numpy().copy()
+    plan = plan_reorder(stats, 30, 128, residual_order="shared")
+    apply_reorder(model, plan, "shared")
     rtn_cfg = preset("atom-w4a4", group_size=64, gptq=False)
     rtn, gptq = load(checkpoints["rtn"]), load(checkpoints["gptq"])
+    np.testing.assert_array_equal(rtn["model.embed_tokens.weight"], embed[:, plan[0]["attn_in"]].astype(np.float16))
     for layer in (0, 17):
         prefix = f"model.layers.{layer}."
         w = model.model.layers[layer].mlp.down_proj.weight.detach().numpy()

@@ -4,7 +4,7 @@ CPU builds run everywhere (CI proves indexing, packing and rounding with them); 
 compiled with nvcc for sm_80 and sm_90a on this GPU-less host; the `gpu` tests run the CUDA
 kernels on a real GPU.
 
-Tolerance. `rmsnorm_reorder_quantize` and `reorder_quantize` use only correctly rounded float32
+Tolerance. `rmsnorm_quantize`, `rmsnorm_reorder_quantize` and `reorder_quantize` use only correctly rounded float32
 operations in a fixed order (see the kernel module), so they must match their references bit
 for bit, on the CPU and on the GPU. `silu_mul_quantize` calls ``exp``: the reference rounds the
 exact exponential and divides exactly, libm's ``expf`` is within ~0.5 ulp, CUDA's ``__fdividef``
@@ -41,7 +41,7 @@ ROWS = (1, 7, 33)
 # threads' steps partial (11008 / 8 = 1376 = 10 * 128 + 96 = 5 * 256 + 96) and the O = 0 layout.
 SHAPES = [(576, 64, 128), (1536, 64, 128), (4096, 128, 128)]
 EXTRA_SHAPES = [(11008, 128, 128), (576, 64, 0)]
-KINDS = ("rmsnorm", "silu", "reorder")
+KINDS = ("rmsnorm", "rmsnorm_inorder", "silu", "reorder")
 
 
 @pytest.fixture
@@ -58,7 +58,8 @@ def rng():
 def make_inputs(kind: str, rows: int, k: int, group_size: int, rng: np.random.Generator) -> dict:
     """Random fp16 inputs with the cases that break quantizers: outlier spikes, an all-zero row,
     an all-zero INT4 group (in the kernel's output order) and a zero outlier block."""
-    index = rng.permutation(k).astype(np.int32)
+    # rmsnorm_inorder's input is already in output order: the identity places the zero cases.
+    index = np.arange(k, dtype=np.int32) if kind == "rmsnorm_inorder" else rng.permutation(k).astype(np.int32)
     width = 2 * k if kind == "silu" else k
     x = (rng.standard_normal((rows, width)) * rng.uniform(0.2, 4.0, (rows, 1))).astype(np.float16)
     # Spikes: a few channels per row 30-300x larger, as real outlier channels are. SiLU-mul multiplies
@@ -77,9 +78,9 @@ def make_inputs(kind: str, rows: int, k: int, group_size: int, rng: np.random.Ge
     if rows > 3 and kind != "silu":
         x[3, index[-1:]] = 0  # one more exact zero among the outliers
     inputs = {"x": x}
-    if kind == "rmsnorm":
+    if kind.startswith("rmsnorm"):
         inputs["weight"] = (1 + 0.3 * rng.standard_normal(k)).astype(np.float16)
-    if kind != "silu":
+    if kind in ("rmsnorm", "reorder"):
         inputs["index"] = index
     return inputs
 
@@ -93,6 +94,11 @@ def kernel_and_ref(kind: str, k: int, group_size: int, n_outliers: int, variant:
         ref = qk.rmsnorm_reorder_quantize_ref(x, inputs["weight"], inputs["index"], group_size,
                                               n_outliers, CLIP, EPS)
         values = qk.rmsnorm_ref(x, inputs["weight"], EPS)[:, inputs["index"]]
+    elif kind == "rmsnorm_inorder":
+        func = qk.rmsnorm_quantize(k, group_size, n_outliers, CLIP, EPS, variant)
+        args = [x, inputs["weight"]]
+        ref = qk.rmsnorm_quantize_ref(x, inputs["weight"], group_size, n_outliers, CLIP, EPS)
+        values = qk.rmsnorm_ref(x, inputs["weight"], EPS)
     elif kind == "silu":
         func = qk.silu_mul_quantize(k, group_size, n_outliers, CLIP, variant)
         args = [x]
@@ -328,12 +334,13 @@ def test_staged_words_are_a_conflict_free_permutation(slots):
 
 
 def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
-    """All three CUDA kernels (H = 4096, G = 128) in one module, one nvcc run, SASS per arch."""
+    """All four CUDA kernels (H = 4096, G = 128) in one module, one nvcc run, SASS per arch."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed (CUDA toolkit needed to build --target cuda)")
     if cuda_build.find_cuobjdump() is None:
         pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump)")
     funcs = [
+        qk.rmsnorm_quantize(4096, 128, 128, CLIP, EPS, "cuda"),
         qk.rmsnorm_reorder_quantize(4096, 128, 128, CLIP, EPS, "cuda"),
         qk.silu_mul_quantize(11008, 128, 128, CLIP, "cuda"),
         qk.reorder_quantize(4096, 128, 128, CLIP, "cuda"),
@@ -361,14 +368,15 @@ def _gpu_arch() -> str:
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,group_size,n_outliers", SHAPES + [(14336, 128, 128)] + EXTRA_SHAPES)
 def test_gpu_kernels_match_reference(k, group_size, n_outliers, rng):
-    """CUDA variants on the GPU: rmsnorm/reorder bit-exact, silu within the exp tolerance."""
+    """CUDA variants on the GPU: the RMSNorm kernels and reorder bit-exact, silu within the exp tolerance."""
     dev = tvm.cuda(0)
     funcs = {
         "rmsnorm": qk.rmsnorm_reorder_quantize(k, group_size, n_outliers, CLIP, EPS, "cuda"),
+        "rmsnorm_inorder": qk.rmsnorm_quantize(k, group_size, n_outliers, CLIP, EPS, "cuda"),
         "silu": qk.silu_mul_quantize(k, group_size, n_outliers, CLIP, "cuda"),
         "reorder": qk.reorder_quantize(k, group_size, n_outliers, CLIP, "cuda"),
     }
-    # One module, one nvcc run for the three kernels of this shape.
+    # One module, one nvcc run for the four kernels of this shape.
     exe = qk.build(tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs.values()}), "cuda",
                    (_gpu_arch(),))
     failures = []  # every kind and size is checked before failing, to see the whole picture

@@ -110,17 +110,21 @@ def random_atom_weight(rng, n: int, k: int, lay: AtomLayout) -> dict[str, np.nda
 def test_atom_rmsnorm_and_silu_quantizers(lay):
     rng = np.random.default_rng(lay.group_size)
     h, inter, eps = 384, 640, 1e-5
-    norm = RMSNormQuantize(h, eps, lay, LLVM)
     weight = (1 + 0.3 * rng.standard_normal(h)).astype(np.float16)
     index = rng.permutation(h).astype(np.int32)
-    norm_fn = compiled(TensorsOut(norm), {"x": nn.spec.Tensor([1, "m", h], "float16")},
+    x_spec = {"x": nn.spec.Tensor([1, "m", h], "float16")}
+    norm_fn = compiled(TensorsOut(RMSNormQuantize(h, eps, lay, LLVM, reorder=True)), x_spec,
                        {"inner.weight": weight, "inner.reorder_index": index})
+    inorder_fn = compiled(TensorsOut(RMSNormQuantize(h, eps, lay, LLVM, reorder=False)), x_spec,
+                          {"inner.weight": weight})
     silu_fn = compiled(TensorsOut(SiLUMulQuantize(inter, lay, LLVM)),
                        {"x": nn.spec.Tensor(["m", 1, 2 * inter], "float16")}, {})
     for m in ROWS:
         x = fp16(rng, 1, m, h, scale=3.0)
         assert_packed_equal(norm_fn(x), qk.rmsnorm_reorder_quantize_ref(x[0], weight, index, lay.group_size,
                                                                         lay.n_outliers, lay.clip, eps))
+        assert_packed_equal(inorder_fn(x), qk.rmsnorm_quantize_ref(x[0], weight, lay.group_size, lay.n_outliers,
+                                                                   lay.clip, eps))
         gate_up = fp16(rng, m, 1, 2 * inter, scale=2.0)
         assert_packed_equal(silu_fn(gate_up), qk.silu_mul_quantize_ref(gate_up[:, 0], lay.group_size,
                                                                        lay.n_outliers, lay.clip),
@@ -157,9 +161,12 @@ def test_atom_w4a4_linears(lay):
         np.testing.assert_array_equal(got[0], want)
 
 
-def test_atom_checkpoint_norm_weight_is_scattered_back_for_the_kernel(tmp_path):
-    """The checkpoint stores w[P] (`norm(x[P]) * w[P]`); the kernel scales source channel P[j] by
-    weight[P[j]]. What the scheme hands the kernel must give the design's float64 formula."""
+@pytest.mark.parametrize("residual_order", ["per-layer", "shared"])
+def test_atom_checkpoint_norm_weight_reaches_the_kernel_in_its_order(residual_order, tmp_path):
+    """The checkpoint stores w[P] (`norm(x[P]) * w[P]`). Per-layer order: the kernel scales source
+    channel P[j] by weight[P[j]], so the scheme scatters the weight back. Shared order: the residual
+    stream is stored as x[P] and the kernel reads x[P] and w[P] in order. Either way what the kernel
+    computes from what the scheme hands it must give the design's float64 formula."""
     from safetensors.numpy import save_file
 
     from atom_tvm.quantization.schemes.atom_w4a4 import AtomW4A4
@@ -169,13 +176,19 @@ def test_atom_checkpoint_norm_weight_is_scattered_back_for_the_kernel(tmp_path):
     w_orig = (1 + 0.5 * rng.standard_normal(h)).astype(np.float16)
     perm = rng.permutation(h).astype(np.int32)
     name = "model.layers.0.input_layernorm"
-    save_file({f"{name}.weight": w_orig[perm], f"{name}.reorder_index": perm}, str(tmp_path / "model.safetensors"))
-    expected = [(f"{name}.weight", (h,), "float16"), (f"{name}.reorder_index", (h,), "int32")]
-    got = dict(AtomW4A4(LAYOUTS[0], 4, {}).params(tmp_path, expected))
+    tensors = {f"{name}.weight": w_orig[perm]}
+    if residual_order == "per-layer":
+        tensors[f"{name}.reorder_index"] = perm
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    expected = [(n, (h,), "float16" if n.endswith("weight") else "int32") for n in tensors]
+    got = dict(AtomW4A4(LAYOUTS[0], 4, {"residual_order": residual_order}).params(tmp_path, expected))
     x = rng.standard_normal((5, h))
     rs = 1 / np.sqrt(np.mean(x**2, axis=1, keepdims=True) + 1e-5)
     design = (x[:, perm] * rs) * w_orig[perm].astype(np.float64)
-    kernel = qk.rmsnorm_ref(x.astype(np.float16), got[f"{name}.weight"], 1e-5)[:, got[f"{name}.reorder_index"]]
+    if residual_order == "per-layer":
+        kernel = qk.rmsnorm_ref(x.astype(np.float16), got[f"{name}.weight"], 1e-5)[:, got[f"{name}.reorder_index"]]
+    else:
+        kernel = qk.rmsnorm_ref(x[:, perm].astype(np.float16), got[f"{name}.weight"], 1e-5)
     np.testing.assert_allclose(kernel, design, rtol=2e-3, atol=2e-3)
 
 

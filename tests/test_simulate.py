@@ -81,16 +81,16 @@ def test_weights_go_through_formats_and_gptq():
 
 
 def test_presets_are_the_ablation_rows():
-    rows = ["w4a4-rtn", "+outliers-fp16", "+outliers-int8", "+group", "+clip", "+gptq", "+kv4"]
+    rows = ["w4a4-rtn", "+outliers-fp16", "+outliers-int8", "+group", "+clip", "+gptq", "+kv4", "atom-w4a4"]
     changed = [{"w_bits", "a_bits"}, {"n_outliers"}, {"outlier_bits"}, {"group_size"}, {"clip_w", "clip_a"},
-               {"gptq"}, {"kv_bits"}]
+               {"gptq"}, {"kv_bits"}, {"residual_order"}]
     previous = dataclasses.asdict(PRESETS["fp16"])
     for name, fields in zip(rows, changed):
         now = dataclasses.asdict(PRESETS[name])
         assert {k for k in now if now[k] != previous[k]} - {"name"} == fields, name
         previous = now
     atom = PRESETS["atom-w4a4"]
-    assert dataclasses.replace(atom, name="+kv4") == PRESETS["+kv4"]
+    assert PRESETS["+kv4"].residual_order == "per-layer" and atom.residual_order == "shared"
     assert (atom.w_bits, atom.a_bits, atom.group_size, atom.n_outliers, atom.outlier_bits, atom.kv_bits) == \
         (4, 4, 128, 128, 8, 4)
     assert atom.needs_calibration and not PRESETS["w8a8"].needs_calibration
@@ -155,10 +155,12 @@ def test_simulated_models_on_tiny_llama():
     assert errors["w8a8"] < errors["atom-w4a4"] < errors["w4a4-rtn"]
     assert errors["+outliers-int8"] < errors["w4a4-rtn"]
 
-    # GPTQ ran on the reordered weight with the Hessian permuted the same way.
+    # GPTQ ran on the reordered weight with the Hessian permuted the same way; under the shared
+    # residual order down_proj's rows write the residual stream in the norm sites' order.
     model = simulate(tiny_llama(seed=2), preset("atom-w4a4", **atom), stats)
-    perm = plan_reorder(stats, 2, 64)[1]["down_in"]
-    w = float_model.model.layers[1].mlp.down_proj.weight.detach().numpy()[:, perm]
+    plan = plan_reorder(stats, 2, 64, residual_order="shared")
+    perm, rows = plan[1]["down_in"], plan[0]["attn_in"]
+    w = float_model.model.layers[1].mlp.down_proj.weight.detach().numpy()[rows][:, perm]
     h = stats.hessian_for("model.layers.1.mlp.down_proj")[np.ix_(perm, perm)]
     expected = quantize_weight(w, preset("atom-w4a4", **atom), h)
     assert np.array_equal(model.model.layers[1].mlp.down_proj.weight.detach().numpy(), expected)

@@ -15,14 +15,24 @@ Each site's permutation keeps the ordinary channels in their original order and 
 ``n_outliers`` channels with the largest calibration sum of squares (ascending channel index), so
 a quantizer can treat the last ``n_outliers`` channels as the high-precision block.
 
-Why the norm sites need a runtime index: the residual stream is shared by every layer, and each
-layer wants its own order, so the stream stays in the original order (as in the paper). RMSNorm's
-statistic is a sum over all channels, so ``norm(x)[P] * w[P] == norm(x[P]) * w[P]``: the fused norm
-kernel reads the residual through the index ``P`` while writing its output, with the norm weight
-permuted offline. The attention output is head-major and its channel order is fixed by attention
-itself, so o_proj's input is gathered at runtime too. The intermediate channels of the MLP, in
-contrast, are produced by gate/up rows and consumed elementwise, so permuting those rows and
-down_proj's columns folds the order into the weights entirely.
+The norm sites read the residual stream, which every layer shares. Two *residual orders*:
+
+* ``per-layer`` (Atom's paper): each norm site gets its own permutation, so the stream stays in
+  the original order and the fused norm kernel reads it through the runtime index ``P``, with the
+  norm weight permuted offline (RMSNorm's statistic is a sum over all channels, so
+  ``norm(x)[P] * w[P] == norm(x[P]) * w[P]``).
+* ``shared`` (atom-tvm's default): one permutation ``P`` for both norm sites of every layer,
+  chosen on their calibration sums of squares together (each site's normalized to sum 1, so no
+  layer dominates), and the residual stream itself is stored in that order: the embedding's
+  columns, o_proj's and down_proj's output rows, the final norm's weight and lm_head's columns are
+  permuted by ``P`` offline. No norm needs an index; the kernel reads its rows in order. Its
+  perplexity on SmolLM2 equals the per-layer order's (docs/accuracy.md), and the in-order RMSNorm
+  quantizer is 1.3-1.9x faster (docs/bench/quantize_kernels.md).
+
+The attention output is head-major and its channel order is fixed by attention itself, so
+o_proj's input is gathered at runtime in both. The intermediate channels of the MLP, in contrast,
+are produced by gate/up rows and consumed elementwise, so permuting those rows and down_proj's
+columns folds the order into the weights entirely.
 
 On a Hugging Face model, :func:`attach_runtime_indices` emulates the runtime indices with forward
 pre-hooks (gathering the norm inputs and o_proj's input) so the reordered model computes exactly
@@ -43,7 +53,10 @@ SITE_LINEARS = {
     "mlp_in": "mlp.gate_proj",
     "down_in": "mlp.down_proj",
 }
-RUNTIME_SITES = ("attn_in", "mlp_in", "o_in")
+RESIDUAL_ORDERS = ("shared", "per-layer")
+# Sites whose permutation the runtime applies, by residual order.
+RUNTIME_SITES = {"per-layer": ("attn_in", "mlp_in", "o_in"), "shared": ("o_in",)}
+NORM_SITES = ("attn_in", "mlp_in")
 # Linears that read each site's activation (their input columns are permuted).
 SITE_CONSUMERS = {
     "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -87,28 +100,52 @@ def blocked_outlier_permutation(sumsq: np.ndarray, n_outliers: int, blocks: int)
                            for b in range(blocks)])
 
 
-def plan_reorder(stats: CalibrationStats, n_layers: int, n_outliers: int, shards: int = 1) -> Plan:
+def shared_residual_sumsq(stats: CalibrationStats, n_layers: int) -> np.ndarray:
+    """The sum over every layer's norm sites of their calibration sums of squares, each normalized to
+    sum 1 (so that no layer's scale dominates the choice): what the shared residual order ranks."""
+    return sum(stats.sumsq_for(f"model.layers.{i}.{SITE_LINEARS[site]}") /
+               stats.sumsq_for(f"model.layers.{i}.{SITE_LINEARS[site]}").sum()
+               for i in range(n_layers) for site in NORM_SITES)
+
+
+def _check_residual_order(residual_order: str) -> None:
+    if residual_order not in RESIDUAL_ORDERS:
+        raise UserError(f"residual order {residual_order!r}: use --residual-order {' or '.join(RESIDUAL_ORDERS)}")
+
+
+def plan_reorder(stats: CalibrationStats, n_layers: int, n_outliers: int, shards: int = 1,
+                 residual_order: str = "per-layer") -> Plan:
     """Every site's permutation for layers ``0 .. n_layers-1``; with ``shards`` > 1 the row-parallel
-    sites are reordered per shard slice (`blocked_outlier_permutation`)."""
+    sites are reordered per shard slice (`blocked_outlier_permutation`); with the ``shared`` residual
+    order both norm sites of every layer get `shared_residual_sumsq`'s permutation."""
+    _check_residual_order(residual_order)
+
     def perm(site: str, sumsq: np.ndarray) -> np.ndarray:
         if site in ROW_PARALLEL_SITES and shards > 1:
             return blocked_outlier_permutation(sumsq, n_outliers, shards)
         return outlier_permutation(sumsq, n_outliers)
 
-    return {i: {site: perm(site, stats.sumsq_for(f"model.layers.{i}.{linear}"))
+    plan = {i: {site: perm(site, stats.sumsq_for(f"model.layers.{i}.{linear}"))
                 for site, linear in SITE_LINEARS.items()}
             for i in range(n_layers)}
+    if residual_order == "shared":
+        shared = outlier_permutation(shared_residual_sumsq(stats, n_layers), n_outliers)
+        for perms in plan.values():
+            perms.update({site: shared for site in NORM_SITES})
+    return plan
 
 
-def runtime_indices(plan: Plan) -> Plan:
-    """The permutations a runtime must apply (norm outputs and o_proj input), per layer."""
-    return {i: {site: perms[site] for site in RUNTIME_SITES} for i, perms in plan.items()}
+def runtime_indices(plan: Plan, residual_order: str = "per-layer") -> Plan:
+    """The permutations a runtime must apply (`RUNTIME_SITES`), per layer."""
+    return {i: {site: perms[site] for site in RUNTIME_SITES[residual_order]} for i, perms in plan.items()}
 
 
-def apply_reorder(model, plan: Plan) -> None:
-    """Fold ``plan`` into the weights of ``model`` in place (see the module doc for each site)."""
+def apply_reorder(model, plan: Plan, residual_order: str = "per-layer") -> None:
+    """Fold ``plan`` into the weights of ``model`` in place (see the module doc for each site); with
+    the ``shared`` residual order also store the residual stream in the norm sites' order."""
     import torch
 
+    _check_residual_order(residual_order)
     layers = model.model.layers
     with torch.no_grad():
         for i, perms in plan.items():
@@ -126,6 +163,28 @@ def apply_reorder(model, plan: Plan) -> None:
                         linear.weight.copy_(linear.weight[index])
                         if linear.bias is not None:
                             linear.bias.copy_(linear.bias[index])
+        if residual_order == "shared":
+            _permute_residual_stream(model, plan[0]["attn_in"])
+
+
+def _permute_residual_stream(model, perm: np.ndarray) -> None:
+    """Store the residual stream in order ``perm``: everything that writes it (the embedding, o_proj
+    and down_proj) writes channel ``perm[j]`` at ``j``, and what reads it outside the decoder norms
+    (the final norm, lm_head) reads it there."""
+    import torch
+
+    index = torch.as_tensor(perm, device=model.model.embed_tokens.weight.device)
+    embed = model.model.embed_tokens.weight
+    embed.copy_(embed[:, index])
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            linear.weight.copy_(linear.weight[index])
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias[index])
+    model.model.norm.weight.copy_(model.model.norm.weight[index])
+    head = model.lm_head.weight
+    if head.data_ptr() != embed.data_ptr():  # tied to the embedding: already permuted
+        head.copy_(head[:, index])
 
 
 def _gather_hook(index):
@@ -153,12 +212,12 @@ def attach_runtime_indices(model, indices: Plan) -> list:
     return handles
 
 
-def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128):
+def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128, residual_order: str = "per-layer"):
     """Reorder ``model`` in place; returns (model, runtime indices {layer: {site: int64 [K]}}).
 
     The model alone is *not* equivalent to the original until the runtime indices are applied
     (by the compiled kernels, or by :func:`attach_runtime_indices` on the Hugging Face model).
     """
-    plan = plan_reorder(stats, len(model.model.layers), n_outliers)
-    apply_reorder(model, plan)
-    return model, runtime_indices(plan)
+    plan = plan_reorder(stats, len(model.model.layers), n_outliers, residual_order=residual_order)
+    apply_reorder(model, plan, residual_order)
+    return model, runtime_indices(plan, residual_order)

@@ -10,6 +10,9 @@ kernels compute, configurable to reproduce each row of the paper's ablation:
   dequantization, equal to it bit for bit (tested), since it stands in for the GPU kernels;
 * **outliers**: with ``n_outliers`` the model is first reordered (`reorder`), so the last
   ``n_outliers`` input channels of every Linear are the outliers, kept in float ("FP16") or INT8;
+  ``residual_order`` picks Atom's per-layer norm orders or one shared order with the residual
+  stream stored in it (what `python -m atom_tvm.quantize` writes by default: the ``atom-w4a4``
+  preset);
 * **KV cache**: keys and values are fake-quantized asymmetrically per token per head
   (:func:`fake_quant_kv`, the mirror of `formats.quantize_kv_asym`). The point is where our paged
   cache stores them: TVM's paged KV cache applies RoPE to k before writing it, so the cache holds
@@ -31,8 +34,8 @@ from atom_tvm.errors import UserError
 from atom_tvm.quantization import formats
 from atom_tvm.quantization.calibrate import CalibrationStats, ProgressLine, decoder_linears
 from atom_tvm.quantization.gptq import gptq
-from atom_tvm.quantization.reorder import (SITE_CONSUMERS, Plan, apply_reorder, attach_runtime_indices,
-                                           plan_reorder, runtime_indices)
+from atom_tvm.quantization.reorder import (RESIDUAL_ORDERS, SITE_CONSUMERS, Plan, apply_reorder,
+                                           attach_runtime_indices, plan_reorder, runtime_indices)
 
 FLOAT_BITS = 16  # "not quantized": kept in floating point
 # Linear (under model.layers.N) -> the reorder site whose permutation its input columns follow.
@@ -54,6 +57,7 @@ class QuantConfig:
     clip_a: float = 1.0
     gptq: bool = False
     kv_bits: int = FLOAT_BITS     # 16, 8 or 4, asymmetric per token per head
+    residual_order: str = "per-layer"  # the norm sites' reorder: "per-layer" (the paper) or "shared"
 
     @property
     def needs_calibration(self) -> bool:
@@ -76,6 +80,9 @@ class QuantConfig:
                               (self.n_outliers == 0 or self.outlier_bits == 8)):
             raise UserError(f"{self.name}: GPTQ produces Atom's layout only: 4-bit weights in groups of "
                             "64 or 128, outliers (if any) in 8 bits")
+        if self.residual_order not in RESIDUAL_ORDERS:
+            raise UserError(f"{self.name}: residual order {self.residual_order!r}; use "
+                            f"{' or '.join(RESIDUAL_ORDERS)}")
 
 
 def _ablation_presets() -> dict[str, QuantConfig]:
@@ -94,7 +101,8 @@ def _ablation_presets() -> dict[str, QuantConfig]:
     for name, change in rows:
         cfg = dataclasses.replace(cfg, name=name, **change)
         presets[name] = cfg
-    presets["atom-w4a4"] = dataclasses.replace(cfg, name="atom-w4a4")
+    # What atom-tvm packages run: the paper's last row with one shared residual order (reorder.py).
+    presets["atom-w4a4"] = dataclasses.replace(cfg, name="atom-w4a4", residual_order="shared")
     presets["w8a8"] = QuantConfig("w8a8", w_bits=8, a_bits=8)
     presets["w4a16"] = QuantConfig("w4a16", w_bits=4, group_size=128)
     return presets
@@ -265,9 +273,9 @@ def simulate(model, cfg: QuantConfig, stats: CalibrationStats | None = None, pro
         raise UserError(f"{cfg.name} needs calibration statistics (outlier reorder / GPTQ)")
     plan = None
     if cfg.n_outliers:
-        plan = plan_reorder(stats, len(model.model.layers), cfg.n_outliers)
-        apply_reorder(model, plan)
-        attach_runtime_indices(model, runtime_indices(plan))
+        plan = plan_reorder(stats, len(model.model.layers), cfg.n_outliers, residual_order=cfg.residual_order)
+        apply_reorder(model, plan, cfg.residual_order)
+        attach_runtime_indices(model, runtime_indices(plan, cfg.residual_order))
 
     linears = decoder_linears(model)
     quantize_weights = cfg.w_bits != FLOAT_BITS

@@ -2,15 +2,18 @@
 
 Per decoder layer the mutator swaps in (kernels: `tir_kernels.quantize`, `tir_kernels.w4a4_gemm`)::
 
-    input_layernorm          RMSNorm + reorder + quantize (fused)  -> packed INT4 groups + INT8 outliers
+    input_layernorm          RMSNorm + quantize (fused)  -> packed INT4 groups + INT8 outliers
     self_attn.qkv_proj       W4A4 GEMM on the packed activation
     self_attn.o_proj         reorder + quantize, then the W4A4 GEMM with the residual add in its epilogue
-    post_attention_layernorm RMSNorm + reorder + quantize (fused)
+    post_attention_layernorm RMSNorm + quantize (fused)
     mlp.gate_up_proj         W4A4 GEMM
     mlp.act                  SiLU(gate) * up + quantize (fused; down_proj's reorder is folded offline)
     mlp.down_proj            W4A4 GEMM with the residual add in its epilogue
 
-so no float activation of a decoder Linear input is ever written to memory. Everything else stays
+so no float activation of a decoder Linear input is ever written to memory. The norms read the
+residual stream in order when the checkpoint stores it in the quantizer's channel order (residual
+order "shared", the default of `python -m atom_tvm.quantize`), and through their per-layer reorder
+index (`tir_kernels.quantize.rmsnorm_reorder_quantize`) for "per-layer" checkpoints. Everything else stays
 float16 as in the checkpoint (embeddings, final norm, lm_head, attention), and the KV cache is
 Atom's with the checkpoint's KV format (INT4 by default; ``--kv-cache`` overrides it).
 
@@ -20,7 +23,8 @@ a dataflow block, with ``relax.If``, which the nn frontend does not emit). So ``
 M is the batch, gets the gemv for a few sequences and ``prefill`` the tiled kernel.
 
 The checkpoint's parameter names are the mutated model's: ``<linear>.q4/.s4/.q8/.s8``,
-``<norm>.weight`` (permuted) and ``<norm>.reorder_index``, ``self_attn.o_proj.reorder_index``.
+``<norm>.weight`` (permuted), ``self_attn.o_proj.reorder_index`` and, per-layer order only,
+``<norm>.reorder_index``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from tvm.target import Target
 
 from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import CheckpointReader, ParamSpec, iter_params
+from atom_tvm.quantization.reorder import RESIDUAL_ORDERS
 from atom_tvm.quantize import LAYOUT_VERSION, QUANT_CONFIG
 from atom_tvm.quantization.schemes import QuantizationScheme, SchemeOptions, column_shard, register
 from relax_models.kernel_calls import cached_kernel, kernel_variant, out_tensor, rows
@@ -44,6 +49,8 @@ from relax_models.llama import LlamaConfig, LlamaDecoderLayer, all_reduce
 from tir_kernels import quantize as quantize_kernels
 from tir_kernels.w4a4_gemm import W4A4Shape, w4a4_linear
 
+#: Checkpoint layouts this build reads (`atom_tvm.quantize.LAYOUT_VERSION` and the one before it).
+READABLE_LAYOUTS = (LAYOUT_VERSION - 1, LAYOUT_VERSION)
 #: KV cache format of each of the checkpoint's ``kv_bits``.
 KV_FORMAT = {4: "int4", 8: "int8", 16: "fp16"}
 
@@ -78,7 +85,8 @@ class PackedActivation:
         return [self.q4, self.s4, self.q8, self.s8]
 
 
-_rmsnorm_quantize = cached_kernel(quantize_kernels.rmsnorm_reorder_quantize)
+_rmsnorm_quantize = cached_kernel(quantize_kernels.rmsnorm_quantize)
+_rmsnorm_reorder_quantize = cached_kernel(quantize_kernels.rmsnorm_reorder_quantize)
 _silu_mul_quantize = cached_kernel(quantize_kernels.silu_mul_quantize)
 _reorder_quantize = cached_kernel(quantize_kernels.reorder_quantize)
 
@@ -92,21 +100,25 @@ def _quantized(kernel, name: str, inputs: list, m, k: int, lead: tuple, layout: 
 
 
 class RMSNormQuantize(nn.Module):
-    """RMSNorm (weight permuted offline) + reorder + per-token quantize: ``x [..., H]`` fp16 ->
-    `PackedActivation` of the reordered channels."""
+    """RMSNorm (weight permuted offline) + per-token quantize: ``x [..., H]`` fp16 ->
+    `PackedActivation` of the quantizer's channel order. ``reorder``: ``x`` is in the model's own
+    order and read through this layer's ``reorder_index`` (residual order "per-layer"); otherwise
+    it is stored in the quantizer's order already ("shared")."""
 
-    def __init__(self, hidden: int, eps: float, layout: AtomLayout, target: Target):
+    def __init__(self, hidden: int, eps: float, layout: AtomLayout, target: Target, reorder: bool):
         self.hidden, self.eps, self.layout, self.target = hidden, eps, layout, target
         self.weight = nn.Parameter((hidden,), "float16")
-        self.reorder_index = nn.Parameter((hidden,), "int32")
+        self.reorder_index = nn.Parameter((hidden,), "int32") if reorder else None
 
     def forward(self, x: Tensor) -> PackedActivation:
         flat, lead = rows(x)
         lay = self.layout
-        kernel = _rmsnorm_quantize(self.hidden, lay.group_size, lay.n_outliers, lay.clip, self.eps,
-                                   kernel_variant(self.target))
-        return _quantized(kernel, "rmsnorm_reorder_quantize", [flat, self.weight, self.reorder_index],
-                          flat.shape[0], self.hidden, lead, lay)
+        args = (self.hidden, lay.group_size, lay.n_outliers, lay.clip, self.eps, kernel_variant(self.target))
+        if self.reorder_index is None:
+            return _quantized(_rmsnorm_quantize(*args), "rmsnorm_quantize", [flat, self.weight],
+                              flat.shape[0], self.hidden, lead, lay)
+        return _quantized(_rmsnorm_reorder_quantize(*args), "rmsnorm_reorder_quantize",
+                          [flat, self.weight, self.reorder_index], flat.shape[0], self.hidden, lead, lay)
 
 
 class SiLUMulQuantize(nn.Module):
@@ -213,9 +225,10 @@ class AtomW4A4Mutator(nn.Mutator):
     laid out for that many shards, so each of this model's ``shards`` runs the row-parallel
     Linears as ``checkpoint_shards // shards`` blocks."""
 
-    def __init__(self, cfg: LlamaConfig, layout: AtomLayout, target: Target, shards: int = 1,
-                 checkpoint_shards: int = 1):
+    def __init__(self, cfg: LlamaConfig, layout: AtomLayout, target: Target, residual_order: str,
+                 shards: int = 1, checkpoint_shards: int = 1):
         self.cfg, self.layout, self.target = cfg, layout, target
+        self.norm_reorder = residual_order == "per-layer"
         self.shards, self.checkpoint_shards = shards, checkpoint_shards
 
     def visit_module(self, name: str, node: nn.Module):
@@ -225,9 +238,9 @@ class AtomW4A4Mutator(nn.Mutator):
         h = cfg.hidden_size
         attn, mlp = node.self_attn, node.mlp
         i = mlp.intermediate_size  # this shard's
-        node.input_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt)
+        node.input_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt, self.norm_reorder)
         attn.qkv_proj = W4A4Linear(h, attn.qkv_proj.out_features, lay, tgt)
-        node.post_attention_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt)
+        node.post_attention_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt, self.norm_reorder)
         mlp.gate_up_proj = W4A4Linear(h, 2 * i, lay, tgt)
         if self.checkpoint_shards == 1:
             attn.o_proj = ReorderQuantizeW4A4Linear(attn.o_proj.in_features, h, lay, tgt)
@@ -252,8 +265,8 @@ class AtomW4A4(QuantizationScheme):
         self.checkpoint_shards = checkpoint_shards
 
     def mutate(self, model: nn.Module, cfg: LlamaConfig, target: Target) -> nn.Module:
-        return AtomW4A4Mutator(cfg, self.layout, target, model.tensor_parallel_shards,
-                               self.checkpoint_shards).visit("", model)
+        return AtomW4A4Mutator(cfg, self.layout, target, self.quant_config["residual_order"],
+                               model.tensor_parallel_shards, self.checkpoint_shards).visit("", model)
 
     def check_tensor_parallel(self, shards: int) -> None:
         """A shard quantizes its slice of o_proj's and down_proj's input on its own, so the checkpoint
@@ -280,16 +293,19 @@ class AtomW4A4(QuantizationScheme):
         return super().shard_param(name, array, cfg, shard, shards)
 
     def params(self, model_dir: Path, expected: list[ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
-        """The checkpoint's tensors under their own names, except the decoder norms' weights.
+        """The checkpoint's tensors under their own names, except, in the per-layer residual order,
+        the decoder norms' weights.
 
-        The checkpoint stores each of those permuted, ``w[P]`` (so that ``norm(x[P]) * w[P]``), while
-        the fused kernel gathers the input channel ``P[j]`` and scales it by the weight of that same
-        source channel, ``weight[P[j]]``: it reads the weight in the residual stream's order, which
-        is the checkpoint's ``w[P]`` scattered back through ``P``.
+        The checkpoint stores each of those permuted, ``w[P]`` (so that ``norm(x[P]) * w[P]``). In the
+        shared order the residual stream is stored permuted too and the kernel reads both in order.
+        In the per-layer order the fused kernel gathers the input channel ``P[j]`` and scales it by the
+        weight of that same source channel, ``weight[P[j]]``: it reads the weight in the residual
+        stream's order, which is the checkpoint's ``w[P]`` scattered back through ``P``.
         """
         reader = CheckpointReader(model_dir)
+        per_layer = self.quant_config["residual_order"] == "per-layer"
         for name, array in iter_params(model_dir, expected):
-            if name.startswith("model.layers.") and name.endswith("layernorm.weight"):
+            if per_layer and name.startswith("model.layers.") and name.endswith("layernorm.weight"):
                 index = reader.get(name.removesuffix("weight") + "reorder_index")
                 unpermuted = np.empty_like(array)
                 unpermuted[index] = array
@@ -300,7 +316,8 @@ class AtomW4A4(QuantizationScheme):
         q = self.quant_config
         return {**super().to_json(), "group_size": self.layout.group_size, "n_outliers": self.layout.n_outliers,
                 "activation_clip": self.layout.clip, "weight_clip": q["clip_w"], "gptq": q["gptq"],
-                "kv_bits": q["kv_bits"], "checkpoint_shards": self.checkpoint_shards}
+                "kv_bits": q["kv_bits"], "residual_order": q["residual_order"],
+                "checkpoint_shards": self.checkpoint_shards}
 
 
 def read_quant_config(model_dir: Path) -> dict:
@@ -314,13 +331,17 @@ def read_quant_config(model_dir: Path) -> dict:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if doc.get("layout_version") != LAYOUT_VERSION or doc.get("scheme") != "atom-w4a4":
+    if doc.get("layout_version") not in READABLE_LAYOUTS or doc.get("scheme") != "atom-w4a4":
         raise UserError(f"{path}: layout {doc.get('layout_version')!r} of scheme {doc.get('scheme')!r}; this "
-                        f"build reads layout {LAYOUT_VERSION} of atom-w4a4 (re-run python -m atom_tvm.quantize)")
-    q = doc.get("config", {})
+                        f"build reads layouts {', '.join(map(str, READABLE_LAYOUTS))} of atom-w4a4 (re-run "
+                        f"python -m atom_tvm.quantize)")
+    q = {"residual_order": "per-layer", **doc.get("config", {})}  # layout 1 had per-layer orders only
     expected = {"w_bits": 4, "a_bits": 4, "outlier_bits": 8}
     if any(q.get(k) != v for k, v in expected.items()) or q.get("kv_bits") not in KV_FORMAT:
         raise UserError(f"{path}: config {q} is not W4A4 with INT8 outliers; re-run python -m atom_tvm.quantize")
+    if q["residual_order"] not in RESIDUAL_ORDERS:
+        raise UserError(f"{path}: residual order {q['residual_order']!r} is not one of "
+                        f"{', '.join(RESIDUAL_ORDERS)}; re-run python -m atom_tvm.quantize")
     return {**q, "tensor_parallel_shards": int(doc.get("tensor_parallel_shards", 1))}
 
 
