@@ -274,3 +274,25 @@ def test_registry_lists_every_scheme_and_refuses_bad_options(tmp_path):
                                                                  "clip_a": 0.9, "clip_w": 0.85, "gptq": True}}))
     with pytest.raises(UserError, match="qkv_proj .960x576, group 128.*multiple of the group size 128"):
         resolve("atom-w4a4", tmp_path, SMALL)  # SmolLM2's 576 channels need G = 64
+
+
+def test_atom_quant_config_layouts_and_residual_order(tmp_path):
+    """Layout 1 checkpoints (before the residual order existed) read as per-layer; layout 2 carries
+    the order; an unknown layout or order is refused with the command that rewrites the checkpoint."""
+    from atom_tvm.quantization.schemes.atom_w4a4 import read_quant_config
+
+    config = {"w_bits": 4, "a_bits": 4, "outlier_bits": 8, "kv_bits": 4, "group_size": 128, "n_outliers": 128,
+              "clip_a": 0.9, "clip_w": 0.85, "gptq": True}
+
+    def read(layout, **fields):
+        (tmp_path / "atom_quant_config.json").write_text(json.dumps(
+            {"layout_version": layout, "scheme": "atom-w4a4", "config": {**config, **fields}}))
+        return read_quant_config(tmp_path)
+
+    assert read(1)["residual_order"] == "per-layer"
+    assert read(2, residual_order="shared")["residual_order"] == "shared"
+    assert read(2, residual_order="per-layer")["residual_order"] == "per-layer"
+    with pytest.raises(UserError, match="layout 3 .*python -m atom_tvm.quantize"):
+        read(3, residual_order="shared")
+    with pytest.raises(UserError, match="residual order 'global'.*python -m atom_tvm.quantize"):
+        read(2, residual_order="global")
