@@ -5,8 +5,10 @@ Per decoder layer there are four activation *sites*, each the input of one or mo
 ==========  =========================  ===============================  ===========================
 site        activation                 weights it permutes              where the permutation lives
 ==========  =========================  ===============================  ===========================
-attn_in     input_layernorm output     q/k/v columns, norm weight       runtime index (norm kernel)
-mlp_in      post_attention_layernorm   gate/up columns, norm weight     runtime index (norm kernel)
+attn_in     input_layernorm output     q/k/v columns, norm weight       shared: the residual stream's
+                                                                        stored order; per-layer:
+                                                                        runtime index (norm kernel)
+mlp_in      post_attention_layernorm   gate/up columns, norm weight     as attn_in
 o_in        attention output           o_proj columns                   runtime index (o_proj input)
 down_in     SiLU(gate) * up            gate/up rows, down_proj columns  folded, no runtime cost
 ==========  =========================  ===============================  ===========================
@@ -103,9 +105,8 @@ def blocked_outlier_permutation(sumsq: np.ndarray, n_outliers: int, blocks: int)
 def shared_residual_sumsq(stats: CalibrationStats, n_layers: int) -> np.ndarray:
     """The sum over every layer's norm sites of their calibration sums of squares, each normalized to
     sum 1 (so that no layer's scale dominates the choice): what the shared residual order ranks."""
-    return sum(stats.sumsq_for(f"model.layers.{i}.{SITE_LINEARS[site]}") /
-               stats.sumsq_for(f"model.layers.{i}.{SITE_LINEARS[site]}").sum()
-               for i in range(n_layers) for site in NORM_SITES)
+    sites = [stats.sumsq_for(f"model.layers.{i}.{SITE_LINEARS[site]}") for i in range(n_layers) for site in NORM_SITES]
+    return sum(sumsq / sumsq.sum() for sumsq in sites)
 
 
 def _check_residual_order(residual_order: str) -> None:
