@@ -78,6 +78,35 @@ def simulated_logits(hf, calib, ids: list[int], half: bool, residual_order: str)
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
+def package_logits(pkg, device: str = "cpu", forced: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
+    """Logits of the prompt's chunked prefill and STEPS greedy decode steps (feeding ``forced``
+    instead of the argmax when given), and the tokens fed."""
+    chat = ChatModel(pkg, device)
+    prompt = np.random.default_rng(11).integers(3, 512, PROMPT_LEN).tolist()
+    rows, tokens = [], []
+    logits = chat.prefill(prompt)
+    for step in range(STEPS):
+        rows.append(logits.numpy().reshape(-1))
+        tokens.append(forced[step] if forced else int(rows[-1].argmax()))
+        logits = chat.decode(tokens[-1])
+    return np.stack(rows), prompt + tokens
+
+
+def assert_near_the_simulation(hf, calib, ids, logits, residual_order: str) -> None:
+    """``logits`` (of the steps after the prompt) are as near the float32 simulation as float16
+    alone moves it, and much nearer than the float model (see the module docstring)."""
+    steps = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + STEPS)
+    sim = simulated_logits(hf, calib, ids, False, residual_order)[steps]
+    sim_half = simulated_logits(hf, calib, ids, True, residual_order)[steps]
+    model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
+    with torch.no_grad():
+        float_logits = model(torch.tensor([ids])).logits[0].double().numpy()[steps]
+    half_spread, quant_error = rel_l2(sim_half, sim), rel_l2(float_logits, sim)
+    distance = rel_l2(logits, sim)
+    assert distance < 1.5 * half_spread, (distance, half_spread)
+    assert distance < 0.75 * quant_error, (distance, quant_error)
+
+
 def test_tiny_package_matches_the_simulation(tiny):
     hf, calib, ckpt, pkg = tiny
     config = json.loads((pkg / "mlc-chat-config.json").read_text())
@@ -91,25 +120,27 @@ def test_tiny_package_matches_the_simulation(tiny):
     params = {p["name"]: p["dtype"] for p in chat.metadata["params"]}
     assert params["model.layers.1.mlp.down_proj.q4"] == "uint8" and params["model.layers.0.self_attn.o_proj.q8"] == "int8"
 
-    prompt = np.random.default_rng(11).integers(3, 512, PROMPT_LEN).tolist()
-    rows, tokens = [], []
-    logits = chat.prefill(prompt)
-    for _ in range(STEPS):
-        rows.append(logits.numpy().reshape(-1))
-        tokens.append(int(rows[-1].argmax()))
-        logits = chat.decode(tokens[-1])
-    ours = np.stack(rows)
-    ids = prompt + tokens[:-1]
-    steps = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + STEPS)
-    sim = simulated_logits(hf, calib, ids, False, residual_order)[steps]
-    sim_half = simulated_logits(hf, calib, ids, True, residual_order)[steps]
-    model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
-    with torch.no_grad():
-        float_logits = model(torch.tensor([ids])).logits[0].double().numpy()[steps]
-    half_spread, quant_error = rel_l2(sim_half, sim), rel_l2(float_logits, sim)
-    distance = rel_l2(ours, sim)
-    assert distance < 1.5 * half_spread, (distance, half_spread)
-    assert distance < 0.75 * quant_error, (distance, quant_error)
+    ours, ids = package_logits(pkg)
+    assert_near_the_simulation(hf, calib, ids[:-1], ours, residual_order)
+
+
+@pytest.mark.gpu
+def test_tiny_package_on_the_gpu_matches_the_simulation(tiny, tmp_path):
+    """The CUDA build for this host's GPU, fed the CPU package's greedy tokens, within the same
+    bounds of the simulation as the CPU package (test 1)."""
+    from atom_tvm.runtime.engine import load_device
+
+    hf, calib, ckpt, pkg = tiny
+    major, minor = load_device("cuda").compute_version.split(".")
+    arch = "sm_90a" if (major, minor) == ("9", "0") else f"sm_{major}{minor}"
+    gpu_pkg = build(["--model", str(ckpt), "--target", "cuda", "--arch", arch, "--quantization", "atom-w4a4",
+                     "-o", str(tmp_path / "pkg"), "--prefill-chunk-size", str(CHUNK), "--context-window-size", "128",
+                     "--conv-template", "chatml"])
+    residual_order = json.loads((ckpt / "atom_quant_config.json").read_text())["config"]["residual_order"]
+    _, ids = package_logits(pkg)
+    ours, _ = package_logits(gpu_pkg, "cuda", forced=ids[PROMPT_LEN:])
+    assert np.isfinite(ours).all()
+    assert_near_the_simulation(hf, calib, ids[:-1], ours, residual_order)
 
 
 @pytest.mark.parametrize("archs", ["sm_90a", "sm_80,sm_89,sm_90a"])
