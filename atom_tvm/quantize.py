@@ -36,6 +36,7 @@ import numpy as np
 from atom_tvm.datasets import WIKIPEDIA, load_text
 from atom_tvm.errors import UserError, run_command
 from atom_tvm.package import write_json_atomic
+from atom_tvm.quantization.reorder import RESIDUAL_ORDERS
 from atom_tvm.staging import check_output_dir, staged_output_dir
 
 QUANT_CONFIG = "atom_quant_config.json"
@@ -84,12 +85,11 @@ def quantized_tensors(model, stats, qcfg, shards: int = 1, progress: bool = True
     import torch
 
     from atom_tvm.quantization.calibrate import ProgressLine
-    from atom_tvm.quantization.reorder import apply_reorder, plan_reorder, runtime_indices
+    from atom_tvm.quantization.reorder import reorder_model
     from atom_tvm.quantization.simulate import quantize_atom_layout, reordered_hessian
 
     layers = model.model.layers
-    plan = plan_reorder(stats, len(layers), qcfg.n_outliers, shards, qcfg.residual_order)
-    apply_reorder(model, plan, qcfg.residual_order)
+    plan, indices = reorder_model(model, stats, qcfg.n_outliers, qcfg.residual_order, shards)
     tensors: dict[str, np.ndarray] = {}
 
     def fp16(t: "torch.Tensor") -> np.ndarray:
@@ -126,7 +126,7 @@ def quantized_tensors(model, stats, qcfg, shards: int = 1, progress: bool = True
                     [half for pair in zip(np.split(gate, shards), np.split(up, shards)) for half in pair]))
         tensors[prefix + "input_layernorm.weight"] = fp16(layer.input_layernorm.weight)
         tensors[prefix + "post_attention_layernorm.weight"] = fp16(layer.post_attention_layernorm.weight)
-        for site, perm in runtime_indices(plan, qcfg.residual_order)[i].items():
+        for site, perm in indices[i].items():
             if shards > 1 and site == "o_in":  # each block's index counts within its slice
                 for b, block in enumerate(np.split(perm, shards)):
                     tensors[f"{prefix}self_attn.o_proj.blocks.{b}.reorder_index"] = (
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="64 or 128 (default 128)")
     p.add_argument("--n-outliers", type=int, default=128, help="outlier channels kept in INT8 (default 128)")
     p.add_argument("--no-gptq", action="store_true", help="round-to-nearest weights instead of GPTQ")
-    p.add_argument("--residual-order", default="shared", choices=("shared", "per-layer"),
+    p.add_argument("--residual-order", default="shared", choices=RESIDUAL_ORDERS,
                    help="the norm inputs' outlier order: one for all layers, with the residual stream stored in "
                         "it (default; in-order norm kernels), or Atom's own per layer (a gather in every norm)")
     p.add_argument("--calib-text", default=WIKIPEDIA, help="'wikipedia', a text file or a corpus directory")

@@ -42,9 +42,8 @@ def check_reorder_is_exact(model, stats, ids: np.ndarray, n_outliers: int, resid
     x = torch.as_tensor(ids)
     with torch.no_grad():
         ref = model(x).logits
-    plan = plan_reorder(stats, len(model.model.layers), n_outliers, residual_order=residual_order)
-    reordered, indices = reorder_model(copy.deepcopy(model), stats, n_outliers, residual_order)
-    assert reordered.__class__ is model.__class__
+    reordered = copy.deepcopy(model)
+    plan, indices = reorder_model(reordered, stats, n_outliers, residual_order)
     # down_proj's input is folded; in the shared order so are the norms' (the stream is stored permuted)
     assert {tuple(sites) for sites in indices.values()} == {RUNTIME_SITES[residual_order]}
     with torch.no_grad():

@@ -213,12 +213,14 @@ def attach_runtime_indices(model, indices: Plan) -> list:
     return handles
 
 
-def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128, residual_order: str = "per-layer"):
-    """Reorder ``model`` in place; returns (model, runtime indices {layer: {site: int64 [K]}}).
+def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128, residual_order: str = "per-layer",
+                  shards: int = 1) -> tuple[Plan, Plan]:
+    """Plan the reorder (`plan_reorder`) and fold it into ``model`` in place, with one residual
+    order for both; returns (the plan, the runtime indices {layer: {site: int64 [K]}}).
 
     The model alone is *not* equivalent to the original until the runtime indices are applied
     (by the compiled kernels, or by :func:`attach_runtime_indices` on the Hugging Face model).
     """
-    plan = plan_reorder(stats, len(model.model.layers), n_outliers, residual_order=residual_order)
+    plan = plan_reorder(stats, len(model.model.layers), n_outliers, shards, residual_order)
     apply_reorder(model, plan, residual_order)
-    return model, runtime_indices(plan, residual_order)
+    return plan, runtime_indices(plan, residual_order)

@@ -34,8 +34,7 @@ from atom_tvm.errors import UserError
 from atom_tvm.quantization import formats
 from atom_tvm.quantization.calibrate import CalibrationStats, ProgressLine, decoder_linears
 from atom_tvm.quantization.gptq import gptq
-from atom_tvm.quantization.reorder import (RESIDUAL_ORDERS, SITE_CONSUMERS, Plan, apply_reorder,
-                                           attach_runtime_indices, plan_reorder, runtime_indices)
+from atom_tvm.quantization.reorder import RESIDUAL_ORDERS, SITE_CONSUMERS, Plan, attach_runtime_indices, reorder_model
 
 FLOAT_BITS = 16  # "not quantized": kept in floating point
 # Linear (under model.layers.N) -> the reorder site whose permutation its input columns follow.
@@ -273,9 +272,8 @@ def simulate(model, cfg: QuantConfig, stats: CalibrationStats | None = None, pro
         raise UserError(f"{cfg.name} needs calibration statistics (outlier reorder / GPTQ)")
     plan = None
     if cfg.n_outliers:
-        plan = plan_reorder(stats, len(model.model.layers), cfg.n_outliers, residual_order=cfg.residual_order)
-        apply_reorder(model, plan, cfg.residual_order)
-        attach_runtime_indices(model, runtime_indices(plan, cfg.residual_order))
+        plan, indices = reorder_model(model, stats, cfg.n_outliers, cfg.residual_order)
+        attach_runtime_indices(model, indices)
 
     linears = decoder_linears(model)
     quantize_weights = cfg.w_bits != FLOAT_BITS
