@@ -119,16 +119,22 @@ def write_chart(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atom_tvm.ablation", description=__doc__.split("\n")[0])
+def add_study_arguments(p: argparse.ArgumentParser, calib_windows: int) -> None:
+    """The options of a simulated perplexity study (this one, and the bench studies built like it):
+    model, corpus, Atom layout, evaluation and calibration windows."""
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory")
     p.add_argument("--text", default=WIKIPEDIA, help="corpus: 'wikipedia', a corpus dir or a file with a train sibling")
     p.add_argument("--group-size", type=int, default=128, help="64 or 128 (SmolLM2 needs 64)")
     p.add_argument("--n-outliers", type=int, default=128)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--calib-windows", type=int, default=calib_windows)
     p.add_argument("--calib-window-length", type=int, default=512)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m atom_tvm.ablation", description=__doc__.split("\n")[0])
+    add_study_arguments(p, calib_windows=32)
     p.add_argument("-o", "--output", type=Path, default=Path("docs/ablation"), help="path prefix of the outputs")
     args = p.parse_args(argv)
 

@@ -38,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atom_tvm.datasets import WIKIPEDIA, calibration_source, held_out_windows  # noqa: E402
+from atom_tvm.ablation import add_study_arguments  # noqa: E402
+from atom_tvm.datasets import calibration_source, held_out_windows  # noqa: E402
 from atom_tvm.eval import hf_window_logits, window_nll  # noqa: E402
 from atom_tvm.quantization.calibrate import calibrate, load_float_model  # noqa: E402
 from atom_tvm.quantization.simulate import preset, simulate  # noqa: E402
@@ -68,14 +69,7 @@ def fold_norm_weights(model) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory")
-    p.add_argument("--text", default=WIKIPEDIA)
-    p.add_argument("--group-size", type=int, default=128, help="64 or 128 (SmolLM2 needs 64)")
-    p.add_argument("--n-outliers", type=int, default=128)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--calib-windows", type=int, default=16)
-    p.add_argument("--calib-window-length", type=int, default=512)
+    add_study_arguments(p, calib_windows=16)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
 
