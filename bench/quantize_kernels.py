@@ -14,6 +14,12 @@ repeats of the mean over a batch of calls. ``wall_us``: wall-clock time per call
 batches between two device synchronizations, which also counts the Python launch path and the
 gaps between launches (the only figure before session 8, and what the v1-v4 JSONs hold).
 
+``floor_us``: the same figure for `traffic_floor`, a kernel that moves exactly a quantizer's
+bytes (reads the row, writes the four outputs at the same addresses, one block per row) with no
+arithmetic between: what this GPU's memory system allows for that traffic at that M, launch
+ramp and drain included. ``pct_of_floor`` = floor_us / gpu_us says how much of the gap to the
+copy bandwidth is the kernel's own.
+
     python bench/quantize_kernels.py --json $OUT/quantize_kernels_h200.json
 
 ``--variant cpu`` runs the same measurement on the CPU build (a smoke test of this script).
@@ -72,6 +78,81 @@ def measure_copy(dev, repeats: int) -> float:
     return 2 * n * 2 / statistics.median(times) / 1e9
 
 
+def traffic_floor(k: int, width: int):
+    """``(x fp16 [M, width], q4, s4, q8, s8)`` for K = k channels (width = k, or 2k for SiLU-mul's
+    gate_up): each of 256 threads per row loads its 16-byte chunks of the INT4 and outlier channels
+    (and of the up half when width = 2k) and stores an XOR of their words where the quantizer stores
+    that chunk's codes, a word's half as the group scale, another as the outlier scale."""
+    from tvm.script import tirx as T
+
+    threads, vec = 256, qk.VEC
+    normal, n_out = k - OUTLIERS, OUTLIERS
+    q_chunks, o_chunks = normal // vec, n_out // vec
+    steps = -(-q_chunks // threads)
+    group_lanes = GROUP // vec
+    up = width == 2 * k
+
+    def _as_half(word):
+        return T.reinterpret("float16", T.Cast("uint16", word))
+
+    @T.prim_func
+    def floor(x_h: T.handle, q4_h: T.handle, s4_h: T.handle, q8_h: T.handle, s8_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": f"traffic_floor_k{k}_w{width}"})
+        M = T.int64()
+        X = T.match_buffer(x_h, (M, width), "float16")
+        Q4 = T.match_buffer(q4_h, (M, normal // 2), "uint8")
+        S4 = T.match_buffer(s4_h, (M, normal // GROUP), "float16")
+        Q8 = T.match_buffer(q8_h, (M, n_out), "int8")
+        S8 = T.match_buffer(s8_h, (M, 1), "float16")
+        Xw = T.decl_buffer((M, width // 2), "uint32", data=X.data)
+        Q4w = T.decl_buffer((M, normal // 8), "uint32", data=Q4.data)
+        Q8w = T.decl_buffer((M, n_out // 4), "uint32", data=Q8.data)
+        row = T.launch_thread("blockIdx.x", M)
+        tx = T.launch_thread("threadIdx.x", threads)
+        words = T.alloc_local((4,), "uint32")
+        for step in T.unroll(steps + 1):
+            chunk = tx + step * threads  # INT4 chunks, then (past the last step) outlier chunks
+            if (step < steps and chunk < q_chunks) or (step == steps and tx < o_chunks):
+                c = T.if_then_else(step < steps, chunk, q_chunks + tx)
+                for e in T.vectorized(4):
+                    words[e] = Xw[row, c * 4 + e]
+                if up:
+                    for e in T.unroll(4):
+                        words[e] = words[e] ^ Xw[row, k // 2 + c * 4 + e]
+                words[0] = words[0] ^ words[1] ^ words[2] ^ words[3]
+                if step < steps:
+                    Q4w[row, chunk] = words[0]
+                    if chunk % group_lanes == 0:
+                        S4[row, chunk // group_lanes] = _as_half(words[1])
+                else:
+                    Q8w[row, 2 * tx] = words[0]
+                    Q8w[row, 2 * tx + 1] = words[1]
+                    if tx == 0:
+                        S8[row, 0] = _as_half(words[2])
+
+    return floor
+
+
+def time_calls(kernel, sets, calls: int, repeats: int, torch) -> tuple[float, float | None]:
+    """(wall us, GPU us or None without torch) per call: medians over ``repeats`` batches of
+    ``calls`` back-to-back calls on the argument sets in turn, after one warm-up call on each."""
+    dev = sets[0][0].device
+    for args_ in sets:  # warm-up: module load, first-touch
+        kernel(*args_)
+    dev.sync()
+    walls, gpus = [], []
+    for _ in range(repeats):
+        dev.sync()
+        t0 = time.perf_counter()
+        for c in range(calls):
+            kernel(*sets[c % len(sets)])
+        dev.sync()
+        walls.append((time.perf_counter() - t0) / calls * 1e6)
+        if torch is not None:
+            gpus.append(gpu_time(torch, lambda c: kernel(*sets[c % len(sets)]), calls))
+    return statistics.median(walls), statistics.median(gpus) if gpus else None
+
+
 def cases(hidden: list[int], intermediate: list[int]):
     """(label, PrimFunc-maker, channels K, input width) for every kernel and size."""
     for h in hidden:
@@ -111,9 +192,13 @@ def main() -> int:
 
     all_cases = list(cases(args.hidden, args.intermediate))
     funcs = [make(args.variant) for _, make, _, _ in all_cases]
+    floors = {}
+    if args.variant == "cuda":
+        floors = {(k, width): traffic_floor(k, width) for _, _, k, width in all_cases}
     start = time.perf_counter()
     # One module: one nvcc run for every kernel.
-    exe = qk.build(tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs}), args.variant, archs)
+    exe = qk.build(tvm.IRModule({f.attrs["global_symbol"]: f for f in [*funcs, *floors.values()]}),
+                   args.variant, archs)
     print(f"built {len(funcs)} kernels for {args.variant} {' '.join(archs)} in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
 
@@ -124,6 +209,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     block = (rng.standard_normal(1 << 22) * 2).astype(np.float16)
     results = []
+    floor_times = {}  # (k, width, rows) -> (wall_us, gpu_us) of the traffic floor
     for (label, _, k, width), func in zip(all_cases, funcs):
         kernel = exe[func.attrs["global_symbol"]]
         consts = []
@@ -144,42 +230,42 @@ def main() -> int:
                 outs = [tvm.runtime.tensor(np.empty(s, d), dev) for s, d in shapes]
                 sets.append([x, *consts, *outs])
             calls = max(n_sets, 20)
-            for args_ in sets:  # warm-up: module load, first-touch
-                kernel(*args_)
-            dev.sync()
-            walls, gpus = [], []
-            for _ in range(args.repeats):
-                dev.sync()
-                t0 = time.perf_counter()
-                for c in range(calls):
-                    kernel(*sets[c % n_sets])
-                dev.sync()
-                walls.append((time.perf_counter() - t0) / calls * 1e6)
-                if torch is not None:
-                    gpus.append(gpu_time(torch, lambda c: kernel(*sets[c % n_sets]), calls))
-            wall_us = statistics.median(walls)
-            gpu_us = statistics.median(gpus) if gpus else wall_us
-            gbps = moved / gpu_us / 1e3
+            wall_us, gpu_us = time_calls(kernel, sets, calls, args.repeats, torch)
+            floor_us = None
+            if (k, width) in floors:
+                if (k, width, rows) not in floor_times:
+                    floor = exe[floors[k, width].attrs["global_symbol"]]
+                    floor_sets = [[st[0], *st[len(consts) + 1:]] for st in sets]  # no weight, index
+                    floor_times[k, width, rows] = time_calls(floor, floor_sets, calls, args.repeats, torch)
+                floor_us = floor_times[k, width, rows][1] or floor_times[k, width, rows][0]
+            timed_us = gpu_us or wall_us
+            gbps = moved / timed_us / 1e3
             results.append({
                 "kernel": label, "rows": rows, "channels": k, "bytes_in": bytes_in,
-                "bytes_out": bytes_out, "gpu_us": round(gpu_us, 2) if gpus else None,
+                "bytes_out": bytes_out, "gpu_us": gpu_us and round(gpu_us, 2),
                 "wall_us": round(wall_us, 2), "gbps": round(gbps, 1),
                 "pct_of_copy": round(100 * gbps / args.copy_gbps, 1),
                 "pct_of_measured_copy": copy_gbps and round(100 * gbps / copy_gbps, 1),
                 "wall_pct_of_copy": round(100 * moved / wall_us / 1e3 / args.copy_gbps, 1),
+                "floor_us": floor_us and round(floor_us, 2),
+                "floor_pct_of_copy": floor_us and round(100 * moved / floor_us / 1e3 / args.copy_gbps, 1),
+                "pct_of_floor": floor_us and round(100 * floor_us / timed_us, 1),
             })
-            gpu = f"{gpu_us:.2f} us GPU, " if gpus else ""
+            gpu = f"{gpu_us:.2f} us GPU, " if gpu_us else ""
             print(f"  {label} M={rows} K={k}: {gpu}{wall_us:.2f} us wall, {gbps:.0f} GB/s", flush=True)
             del sets
 
     device_name = dev.device_name if args.variant == "cuda" else "cpu"
     timing = "GPU time (profiler)" if torch is not None else "wall time (no torch: no profiler)"
     print(f"\n{device_name}; % of {args.copy_gbps:.0f} GB/s copy bandwidth (bytes in + bytes out), by {timing}")
-    print(f"{'kernel':<26} {'M':>6} {'K':>6} {'GPU us':>8} {'wall us':>8} {'GB/s':>7} {'% copy':>7} {'wall %':>7}")
+    print(f"{'kernel':<26} {'M':>6} {'K':>6} {'GPU us':>8} {'wall us':>8} {'GB/s':>7} {'% copy':>7} {'wall %':>7} "
+          f"{'floor us':>8} {'floor %':>7} {'of floor':>8}")
     for r in results:
         gpu = f"{r['gpu_us']:>8.2f}" if r["gpu_us"] is not None else f"{'-':>8}"
+        floor = (f"{r['floor_us']:>8.2f} {r['floor_pct_of_copy']:>6.1f}% {r['pct_of_floor']:>7.1f}%"
+                 if r["floor_us"] is not None else f"{'-':>8} {'-':>7} {'-':>8}")
         print(f"{r['kernel']:<26} {r['rows']:>6} {r['channels']:>6} {gpu} {r['wall_us']:>8.2f} "
-              f"{r['gbps']:>7.0f} {r['pct_of_copy']:>6.1f}% {r['wall_pct_of_copy']:>6.1f}%")
+              f"{r['gbps']:>7.0f} {r['pct_of_copy']:>6.1f}% {r['wall_pct_of_copy']:>6.1f}% {floor}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
