@@ -21,6 +21,7 @@ ramp and drain included. ``pct_of_floor`` = floor_us / gpu_us says how much of t
 copy bandwidth is the kernel's own.
 
     python bench/quantize_kernels.py --json $OUT/quantize_kernels_h200.json
+    python bench/quantize_kernels.py --plot docs/bench/<that>.json --png docs/bench/<that>.png   # here
 
 ``--variant cpu`` runs the same measurement on the CPU build (a smoke test of this script).
 """
@@ -175,7 +176,25 @@ def main() -> int:
     parser.add_argument("--copy-gbps", type=float, default=4238.0,
                         help="device-to-device copy bandwidth to compare with (H200: 4238)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--png", type=Path, default=None, help="draw %% of copy bandwidth against M here")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="measure nothing: print the table of this earlier --json (and draw --png)")
     args = parser.parse_args()
+    if args.plot:
+        result = json.loads(args.plot.read_text())
+    else:
+        result = measure(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result)
+    if args.png:
+        plot(result, args.png)
+    return 0
+
+
+def measure(args) -> dict:
+    """Build every case's kernel (and traffic floor), time each at each M; the JSON document."""
 
     dev = tvm.cuda(0) if args.variant == "cuda" else tvm.cpu(0)
     torch = None
@@ -255,27 +274,64 @@ def main() -> int:
             print(f"  {label} M={rows} K={k}: {gpu}{wall_us:.2f} us wall, {gbps:.0f} GB/s", flush=True)
             del sets
 
-    device_name = dev.device_name if args.variant == "cuda" else "cpu"
-    timing = "GPU time (profiler)" if torch is not None else "wall time (no torch: no profiler)"
-    print(f"\n{device_name}; % of {args.copy_gbps:.0f} GB/s copy bandwidth (bytes in + bytes out), by {timing}")
+    return {
+        "device": dev.device_name if args.variant == "cuda" else "cpu", "variant": args.variant,
+        "archs": list(archs), "group_size": GROUP, "n_outliers": OUTLIERS, "clip": CLIP,
+        "copy_gbps": args.copy_gbps, "measured_copy_gbps": copy_gbps and round(copy_gbps, 1),
+        "repeats": args.repeats, "command": "python3 " + " ".join(sys.argv), "results": results,
+    }
+
+
+def print_table(result: dict) -> None:
+    results = result["results"]
+    copy = result["copy_gbps"]
+    timing = "GPU time (profiler)" if results and results[0]["gpu_us"] else "wall time (no profiler)"
+    print(f"\n{result['device']}; % of {copy:.0f} GB/s copy bandwidth (bytes in + bytes out), by {timing}")
     print(f"{'kernel':<26} {'M':>6} {'K':>6} {'GPU us':>8} {'wall us':>8} {'GB/s':>7} {'% copy':>7} {'wall %':>7} "
           f"{'floor us':>8} {'floor %':>7} {'of floor':>8}")
     for r in results:
         gpu = f"{r['gpu_us']:>8.2f}" if r["gpu_us"] is not None else f"{'-':>8}"
         floor = (f"{r['floor_us']:>8.2f} {r['floor_pct_of_copy']:>6.1f}% {r['pct_of_floor']:>7.1f}%"
-                 if r["floor_us"] is not None else f"{'-':>8} {'-':>7} {'-':>8}")
+                 if r.get("floor_us") is not None else f"{'-':>8} {'-':>7} {'-':>8}")
         print(f"{r['kernel']:<26} {r['rows']:>6} {r['channels']:>6} {gpu} {r['wall_us']:>8.2f} "
               f"{r['gbps']:>7.0f} {r['pct_of_copy']:>6.1f}% {r['wall_pct_of_copy']:>6.1f}% {floor}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "device": device_name, "variant": args.variant, "archs": list(archs),
-            "group_size": GROUP, "n_outliers": OUTLIERS, "clip": CLIP,
-            "copy_gbps": args.copy_gbps, "measured_copy_gbps": copy_gbps and round(copy_gbps, 1),
-            "repeats": args.repeats,
-            "command": "python3 " + " ".join(sys.argv), "results": results,
-        }, indent=1) + "\n")
-    return 0
+
+
+def plot(result: dict, png: Path) -> None:
+    """One panel per channel count: each kernel's bandwidth against M as % of the copy bandwidth
+    measured in the run (else the --copy-gbps figure), its traffic floor dashed, the 70% target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    copy = result.get("measured_copy_gbps") or result["copy_gbps"]
+    # decode rows (M <= 16) are latency, not bandwidth: left out unless there is nothing else
+    rows = [r for r in result["results"] if r["rows"] > 16] or result["results"]
+    channels = sorted({r["channels"] for r in rows})
+    fig, axes = plt.subplots(1, len(channels), figsize=(4.5 * len(channels), 4), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], channels):
+        mine = [r for r in rows if r["channels"] == k]
+        for label in dict.fromkeys(r["kernel"] for r in mine):
+            line = [r for r in mine if r["kernel"] == label]
+            ax.plot([r["rows"] for r in line], [r["gbps"] / copy * 100 for r in line], marker="o", label=label)
+        floor = {r["rows"]: r for r in mine if r.get("floor_us")}
+        if floor:
+            ms = sorted(floor)
+            ax.plot(ms, [(floor[m]["bytes_in"] + floor[m]["bytes_out"]) / floor[m]["floor_us"] / 1e3 / copy * 100
+                         for m in ms], "k--", lw=1, label="traffic floor")
+        ax.axhline(70, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"K = {k}")
+        ax.set_xlabel("tokens M")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"% of {copy:.0f} GB/s copy (bytes in + out)")
+    fig.suptitle(f"{result['device']}: fused activation quantizers (G = {result['group_size']}, "
+                 f"O = {result['n_outliers']})")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
