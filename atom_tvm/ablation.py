@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,54 @@ def add_study_arguments(p: argparse.ArgumentParser, calib_windows: int) -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=calib_windows)
     p.add_argument("--calib-window-length", type=int, default=512)
+
+
+def evaluate_study_row(row: str, model, windows, started: float) -> dict:
+    """One row of a bench study built like this one: the simulated ``model``'s mean per-token NLL on
+    each window (kept, so that rows can be compared window by window) and their perplexity."""
+    from atom_tvm.eval import hf_window_logits, window_nll
+
+    logits = hf_window_logits(model)
+    nll = [window_nll(logits(ids), ids) / (len(ids) - 1) for ids in windows]
+    result = {"row": row, "ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll,
+              "seconds": round(time.perf_counter() - started, 1)}
+    print(f"{row:24s} ppl {result['ppl']:8.3f}", flush=True)
+    return result
+
+
+def parse_study_arguments(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The command line of a bench study built like this one: `add_study_arguments` (16 calibration
+    windows) and ``--json``."""
+    p = argparse.ArgumentParser(description=description)
+    add_study_arguments(p, calib_windows=16)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def finish_study(args: argparse.Namespace, cfg, windows, calibration: dict, rows: list[dict]) -> None:
+    """Print a bench study's rows against its first (`print_paired_differences`) and write its JSON
+    report where ``--json`` says."""
+    print_paired_differences(rows)
+    if args.json:
+        report = {"model": str(args.model), "text": str(args.text), "config": dataclasses.asdict(cfg),
+                  "evaluation": {"split": "test", "windows": int(windows.shape[0]), "window": args.window},
+                  "calibration": calibration, "command": "python " + " ".join(sys.argv), "rows": rows}
+        write_json_atomic(args.json, report)
+
+
+def print_paired_differences(rows: list[dict]) -> None:
+    """Each study row against the first: perplexity change, and the mean per-token NLL difference with
+    its standard error over the windows (paired: the same windows), to tell a change from noise.
+    Stores ``nll_diff`` and ``nll_diff_se`` in the rows."""
+    base = rows[0]
+    print(f"\n{'variant':24s} {'ppl':>8s} {'vs ' + base['row']:>13s} {'NLL diff +- s.e.':>20s}")
+    for r in rows:
+        diff = [a - b for a, b in zip(r["window_nll"], base["window_nll"])]
+        mean = sum(diff) / len(diff)
+        se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff))
+        r["nll_diff"], r["nll_diff_se"] = mean, se
+        print(f"{r['row']:24s} {r['ppl']:8.3f} {100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% "
+              f"{mean:+10.4f} +- {se:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,22 +28,17 @@ difference over the windows (paired: the same windows), to tell a change from no
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atom_tvm.ablation import add_study_arguments  # noqa: E402
+from atom_tvm.ablation import evaluate_study_row, finish_study, parse_study_arguments  # noqa: E402
 from atom_tvm.datasets import calibration_source, held_out_windows  # noqa: E402
-from atom_tvm.eval import hf_window_logits, window_nll  # noqa: E402
 from atom_tvm.quantization.calibrate import calibrate, load_float_model  # noqa: E402
 from atom_tvm.quantization.simulate import preset, simulate  # noqa: E402
-from atom_tvm.staging import atomic_output  # noqa: E402
 
 #: Norm-fed sites: (site, the norm that produces it, the Linears that read it).
 NORM_SITES = (
@@ -68,10 +63,7 @@ def fold_norm_weights(model) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_study_arguments(p, calib_windows=16)
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = p.parse_args(argv)
+    args = parse_study_arguments(__doc__.split("\n")[0], argv)
 
     cfg = preset("atom-w4a4", group_size=args.group_size, n_outliers=args.n_outliers)
     orders = {False: dataclasses.replace(cfg, residual_order="per-layer"), True: cfg}
@@ -88,27 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         if fold not in stats:  # calibrate the model that is quantized: folded or not
             stats[fold] = calibrate(args.model, calib_text, calib_split, args.calib_windows,
                                     args.calib_window_length, hessian=True, model=model)
-        logits = hf_window_logits(simulate(model, orders[row.endswith("one-order")], stats[fold]))
-        nll = [window_nll(logits(ids), ids) / (len(ids) - 1) for ids in windows]  # per token
-        rows.append({"row": row, "ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll,
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{row:24s} ppl {rows[-1]['ppl']:8.3f}", flush=True)
+        rows.append(evaluate_study_row(row, simulate(model, orders[row.endswith("one-order")], stats[fold]),
+                                       windows, t0))
 
-    base = rows[0]
-    print(f"\n{'variant':24s} {'ppl':>8s} {'vs atom-w4a4':>13s} {'NLL diff +- s.e.':>20s}")
-    for r in rows:
-        diff = [a - b for a, b in zip(r["window_nll"], base["window_nll"])]
-        mean = sum(diff) / len(diff)
-        se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff))
-        r["nll_diff"], r["nll_diff_se"] = mean, se
-        print(f"{r['row']:24s} {r['ppl']:8.3f} {100 * (r['ppl'] / base['ppl'] - 1):+12.2f}% "
-              f"{mean:+10.4f} +- {se:.4f}")
-    if args.json:
-        report = {"model": str(args.model), "text": str(args.text), "config": dataclasses.asdict(cfg),
-                  "evaluation": {"split": "test", "windows": int(windows.shape[0]), "window": args.window},
-                  "calibration": stats[False].info, "command": "python " + " ".join(sys.argv), "rows": rows}
-        with atomic_output(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
+    finish_study(args, cfg, windows, stats[False].info, rows)
     return 0
 
 
