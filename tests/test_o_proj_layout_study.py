@@ -5,9 +5,6 @@ leaves it in place (its outliers are already last)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,18 +14,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from atom_tvm.quantization.calibrate import collect_stats  # noqa: E402
+from bench_scripts import load_bench_script  # noqa: E402
 from test_calibrate import random_windows, tiny_llama  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 OUTLIERS = 64
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("bench_o_proj_layout", REPO / "bench" / "o_proj_layout_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("o_proj_layout_accuracy")
 
 
 def test_masked_o_proj_is_the_same_model_with_the_derived_statistics(study):
