@@ -51,27 +51,28 @@ def o_proj_outliers(stats: CalibrationStats, n_layers: int, n_outliers: int) -> 
 
 
 def masked_stats(stats: CalibrationStats, outliers: list[np.ndarray]) -> CalibrationStats:
-    """``stats`` with every o_proj's statistics those of its expanded input ``x E``."""
+    """``stats`` with every o_proj's statistics those of its expanded input ``x E``: the channels
+    ``[0, K) + outliers`` with the outliers' first places zeroed (``E`` only selects and masks, so
+    ``E^T H E`` is ``H`` indexed, with those rows and columns zero)."""
     sumsq, hessian = dict(stats.sumsq), dict(stats.hessian)
     for i, outl in enumerate(outliers):
         site = stats.sites[f"model.layers.{i}.{SITE_LINEARS['o_in']}"]
-        k = len(stats.sumsq[site])
-        expand = np.zeros((k, k + len(outl)))
-        keep = np.setdiff1d(np.arange(k), outl)
-        expand[keep, keep] = 1.0
-        expand[outl, k + np.arange(len(outl))] = 1.0
-        sumsq[site] = stats.sumsq[site] @ (expand * expand)
+        channels = np.concatenate([np.arange(len(stats.sumsq[site])), outl])
+        sumsq[site] = stats.sumsq[site][channels]
+        sumsq[site][outl] = 0.0
         if site in stats.hessian:
-            hessian[site] = expand.T @ stats.hessian[site] @ expand
+            hessian[site] = stats.hessian[site][np.ix_(channels, channels)]
+            hessian[site][outl, :] = 0.0
+            hessian[site][:, outl] = 0.0
     return dataclasses.replace(stats, sumsq=sumsq, hessian=hessian)
 
 
 def mask_o_proj(model, outliers: list[np.ndarray]) -> list:
     """Make every o_proj a Linear of H + O inputs fed ``[x * mask, x[:, outliers]]`` (module doc);
-    returns the expansion hooks' handles."""
+    returns (o_proj, its input expansion) pairs, for `prepend_expansions` to register."""
     import torch
 
-    handles = []
+    expansions = []
     with torch.no_grad():
         for layer, outl in zip(model.model.layers, outliers):
             linear = layer.self_attn.o_proj
@@ -86,14 +87,14 @@ def mask_o_proj(model, outliers: list[np.ndarray]) -> list:
                 x = args[0]
                 return (torch.cat([x * mask, x.index_select(-1, index)], dim=-1), *args[1:])
 
-            handles.append((linear, expand))
-    return handles
+            expansions.append((linear, expand))
+    return expansions
 
 
-def prepend_expansions(handles: list) -> None:
+def prepend_expansions(expansions: list) -> None:
     """Register the expansions as each o_proj's first pre-hook: simulate() prepends the runtime
     index gather, which must see the expanded input."""
-    for linear, expand in handles:
+    for linear, expand in expansions:
         linear.register_forward_pre_hook(expand, prepend=True)
 
 
@@ -115,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         if row == "o_proj outliers masked":
             outliers = o_proj_outliers(stats, len(model.model.layers), args.n_outliers)
             row_stats = masked_stats(stats, outliers)
-            handles = mask_o_proj(model, outliers)
+            expansions = mask_o_proj(model, outliers)
         simulate(model, cfg, row_stats)
         if row == "o_proj outliers masked":
-            prepend_expansions(handles)
+            prepend_expansions(expansions)
         rows.append(evaluate_study_row(row, model, windows, t0))
 
     finish_study(args, cfg, windows, stats.info, rows)
