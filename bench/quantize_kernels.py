@@ -3,8 +3,8 @@
 Each kernel is memory bound: it reads the fp16 activation once and writes the Atom layout
 (about a third of the bytes). The figure of merit is (bytes read + bytes written) / time, against
 the device-to-device copy bandwidth measured on the same GPU (4238 GB/s on the H200,
-shared/device/README.md). The reorder index and RMSNorm weight (a few KiB, cache resident) are
-not counted.
+shared/device/README.md). The reorder index, RMSNorm weight and the masked kernel's outlier index
+and mask (a few KiB, cache resident) are not counted.
 
 Timing: one build per kernel (M is dynamic), random non-zero inputs, several input/output sets
 used in turn so that consecutive calls do not find their data in L2 (60 MB on the H200), a
@@ -41,6 +41,7 @@ import tvm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from atom_tvm.quantization.formats import outlier_mask  # noqa: E402
 from bench.gemm import gpu_time  # noqa: E402
 from tir_kernels import quantize as qk  # noqa: E402
 
@@ -49,6 +50,9 @@ OUTLIERS = 128
 CLIP = 0.9
 EPS = 1e-6
 L2_BYTES = 60 << 20
+#: The label of `qk.outlier_mask_quantize`: o_proj's input in the masked-outlier layout, whose K is
+#: the input width plus the O copied outlier channels.
+MASKED = "outlier_mask_quantize (o_proj, masked)"
 
 
 def _ints(text: str) -> list[int]:
@@ -80,10 +84,13 @@ def measure_copy(dev, repeats: int) -> float:
 
 
 def traffic_floor(k: int, width: int):
-    """``(x fp16 [M, width], q4, s4, q8, s8)`` for K = k channels (width = k, or 2k for SiLU-mul's
-    gate_up): each of 256 threads per row loads its 16-byte chunks of the INT4 and outlier channels
+    """``(x fp16 [M, width], q4, s4, q8, s8)`` for a layout of K = k channels (width = k; 2k for
+    SiLU-mul's gate_up; k - O for the masked-outlier layout, whose INT8 block copies O of the row's
+    channels): each of 256 threads per row loads its 16-byte chunks of the INT4 and outlier channels
     (and of the up half when width = 2k) and stores an XOR of their words where the quantizer stores
-    that chunk's codes, a word's half as the group scale, another as the outlier scale."""
+    that chunk's codes, a word's half as the group scale, another as the outlier scale. The masked
+    layout's outlier stores take their words from the row's first chunks again, cache hits as the
+    kernel's outlier gathers are, so only its ``width`` channels are read from memory."""
     from tvm.script import tirx as T
 
     threads, vec = 256, qk.VEC
@@ -92,6 +99,7 @@ def traffic_floor(k: int, width: int):
     steps = -(-q_chunks // threads)
     group_lanes = GROUP // vec
     up = width == 2 * k
+    outlier_chunk0 = 0 if width == normal else q_chunks  # where the outliers' source chunks start
 
     def _as_half(word):
         return T.reinterpret("float16", T.Cast("uint16", word))
@@ -114,7 +122,7 @@ def traffic_floor(k: int, width: int):
         for step in T.unroll(steps + 1):
             chunk = tx + step * threads  # INT4 chunks, then (past the last step) outlier chunks
             if (step < steps and chunk < q_chunks) or (step == steps and tx < o_chunks):
-                c = T.if_then_else(step < steps, chunk, q_chunks + tx)
+                c = T.if_then_else(step < steps, chunk, outlier_chunk0 + tx)
                 for e in T.vectorized(4):
                     words[e] = Xw[row, c * 4 + e]
                 if up:
@@ -161,6 +169,7 @@ def cases(hidden: list[int], intermediate: list[int]):
         yield ("rmsnorm_reorder_quantize", lambda v, h=h: qk.rmsnorm_reorder_quantize(
             h, GROUP, OUTLIERS, CLIP, EPS, v), h, h)
         yield ("reorder_quantize", lambda v, h=h: qk.reorder_quantize(h, GROUP, OUTLIERS, CLIP, v), h, h)
+        yield (MASKED, lambda v, h=h: qk.outlier_mask_quantize(h, GROUP, OUTLIERS, CLIP, v), h + OUTLIERS, h)
     for i in intermediate:
         yield ("silu_mul_quantize", lambda v, i=i: qk.silu_mul_quantize(i, GROUP, OUTLIERS, CLIP, v),
                i, 2 * i)
@@ -236,6 +245,9 @@ def measure(args) -> dict:
             consts.append((1 + 0.1 * rng.standard_normal(k)).astype(np.float16))
         if label in ("rmsnorm_reorder_quantize", "reorder_quantize"):
             consts.append(rng.permutation(k).astype(np.int32))
+        if label == MASKED:
+            outliers = rng.choice(width, OUTLIERS, replace=False).astype(np.int32)
+            consts += [outliers, outlier_mask(outliers, width)]
         consts = [tvm.runtime.tensor(c, dev) for c in consts]
         for rows in args.rows:
             shapes = qk.output_shapes(rows, k, GROUP, OUTLIERS)
@@ -287,13 +299,14 @@ def print_table(result: dict) -> None:
     copy = result["copy_gbps"]
     timing = "GPU time (profiler)" if results and results[0]["gpu_us"] else "wall time (no profiler)"
     print(f"\n{result['device']}; % of {copy:.0f} GB/s copy bandwidth (bytes in + bytes out), by {timing}")
-    print(f"{'kernel':<26} {'M':>6} {'K':>6} {'GPU us':>8} {'wall us':>8} {'GB/s':>7} {'% copy':>7} {'wall %':>7} "
+    name = max([26] + [len(r["kernel"]) for r in results])
+    print(f"{'kernel':<{name}} {'M':>6} {'K':>6} {'GPU us':>8} {'wall us':>8} {'GB/s':>7} {'% copy':>7} {'wall %':>7} "
           f"{'floor us':>8} {'floor %':>7} {'of floor':>8}")
     for r in results:
         gpu = f"{r['gpu_us']:>8.2f}" if r["gpu_us"] is not None else f"{'-':>8}"
         floor = (f"{r['floor_us']:>8.2f} {r['floor_pct_of_copy']:>6.1f}% {r['pct_of_floor']:>7.1f}%"
                  if r.get("floor_us") is not None else f"{'-':>8} {'-':>7} {'-':>8}")
-        print(f"{r['kernel']:<26} {r['rows']:>6} {r['channels']:>6} {gpu} {r['wall_us']:>8.2f} "
+        print(f"{r['kernel']:<{name}} {r['rows']:>6} {r['channels']:>6} {gpu} {r['wall_us']:>8.2f} "
               f"{r['gbps']:>7.0f} {r['pct_of_copy']:>6.1f}% {r['wall_pct_of_copy']:>6.1f}% {floor}")
 
 

@@ -4,18 +4,18 @@ CPU builds run everywhere (CI proves indexing, packing and rounding with them); 
 compiled with nvcc for sm_80 and sm_90a on this GPU-less host; the `gpu` tests run the CUDA
 kernels on a real GPU.
 
-Tolerance. `rmsnorm_quantize`, `rmsnorm_reorder_quantize` and `reorder_quantize` use only correctly rounded float32
-operations in a fixed order (see the kernel module), so they must match their references bit
-for bit, on the CPU and on the GPU. `silu_mul_quantize` calls ``exp``: the reference rounds the
-exact exponential and divides exactly, libm's ``expf`` is within ~0.5 ulp, CUDA's ``__fdividef``
-within 2 ulp and its ``__expf`` (``expf`` under TVM's --use_fast_math) within 2 + 1.2 |g| ulp,
-so ``y`` may differ by a few float32 ulp (a few 1e-7 relative for the gate values of real
-activations). That can move a float16 scale by
-1 ulp (when ``absmax * clip/qmax`` lies that close to a float16 rounding boundary) and a code by
-1 (when ``y * r`` lies within ~1e-6 relative of a half-integer). The tolerant check therefore
-accepts scales within 1 float16 ulp and recomputes the expected codes from the reference values
-with the kernel's own scales, allowing a difference of 1 only where the reference ``y * r`` is
-within 1e-6 relative of a rounding boundary.
+Tolerance. `rmsnorm_quantize`, `rmsnorm_reorder_quantize`, `reorder_quantize` and
+`outlier_mask_quantize` use only correctly rounded float32 operations in a fixed order (see the
+kernel module), so they must match their references bit for bit, on the CPU and on the GPU.
+`silu_mul_quantize` calls ``exp``: the reference rounds the exact exponential and divides
+exactly, libm's ``expf`` is within ~0.5 ulp, CUDA's ``__fdividef`` within 2 ulp and its
+``__expf`` (``expf`` under TVM's --use_fast_math) within 2 + 1.2 |g| ulp, so ``y`` may differ by
+a few float32 ulp (a few 1e-7 relative for the gate values of real activations). That can move a
+float16 scale by 1 ulp (when ``absmax * clip/qmax`` lies that close to a float16 rounding
+boundary) and a code by 1 (when ``y * r`` lies within ~1e-6 relative of a half-integer). The
+tolerant check therefore accepts scales within 1 float16 ulp and recomputes the expected codes
+from the reference values with the kernel's own scales, allowing a difference of 1 only where the
+reference ``y * r`` is within 1e-6 relative of a rounding boundary.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import tvm
 
 from atom_tvm import cuda_build
 from atom_tvm.errors import UserError
-from atom_tvm.quantization.formats import unpack_int4
+from atom_tvm.quantization.formats import masked_outliers, outlier_mask, unpack_int4
 from tir_kernels import quantize as qk
 
 CLIP = 0.9
@@ -39,9 +39,11 @@ BOUNDARY_RTOL = 1e-6
 ROWS = (1, 7, 33)
 # (K, G, O): the brief's hidden sizes, plus a K whose 8-channel chunks leave the last of the
 # threads' steps partial (11008 / 8 = 1376 = 10 * 128 + 96 = 5 * 256 + 96) and the O = 0 layout.
+# For the masked kind K is the input width (attention's heads * head_dim) and the layout has K + O
+# channels (`layout_channels`).
 SHAPES = [(576, 64, 128), (1536, 64, 128), (4096, 128, 128)]
 EXTRA_SHAPES = [(11008, 128, 128), (576, 64, 0)]
-KINDS = ("rmsnorm", "rmsnorm_inorder", "silu", "reorder")
+KINDS = ("rmsnorm", "rmsnorm_inorder", "silu", "reorder", "masked")
 
 
 @pytest.fixture
@@ -55,16 +57,31 @@ def rng():
 # ------------------------------------------------------------------------------ inputs / runs
 
 
-def make_inputs(kind: str, rows: int, k: int, group_size: int, rng: np.random.Generator) -> dict:
+def layout_channels(kind: str, k: int, n_outliers: int) -> int:
+    """Channels of the output layout: the masked kind copies its O outliers after its K inputs."""
+    return k + n_outliers if kind == "masked" else k
+
+
+def make_inputs(kind: str, rows: int, k: int, group_size: int, n_outliers: int,
+                rng: np.random.Generator) -> dict:
     """Random fp16 inputs with the cases that break quantizers: outlier spikes, an all-zero row,
     an all-zero INT4 group (in the kernel's output order) and a zero outlier block."""
-    # rmsnorm_inorder's input is already in output order: the identity places the zero cases.
-    index = np.arange(k, dtype=np.int32) if kind == "rmsnorm_inorder" else rng.permutation(k).astype(np.int32)
+    # rmsnorm_inorder's and masked's inputs are already in output order: the identity places
+    # the zero cases.
+    in_order = kind in ("rmsnorm_inorder", "masked")
+    index = np.arange(k, dtype=np.int32) if in_order else rng.permutation(k).astype(np.int32)
     width = 2 * k if kind == "silu" else k
     x = (rng.standard_normal((rows, width)) * rng.uniform(0.2, 4.0, (rows, 1))).astype(np.float16)
+    if kind == "masked":
+        # O distinct channels in random order (the INT8 block's order), 10-50x larger than the
+        # rest, as o_proj's outlier channels are: left in their INT4 groups, they would set the
+        # groups' scales.
+        outliers = rng.choice(k, size=n_outliers, replace=False).astype(np.int32)
+        x[:, outliers] = (x[:, outliers].astype(np.float32) * rng.uniform(10, 50, n_outliers)).astype(np.float16)
     # Spikes: a few channels per row 30-300x larger, as real outlier channels are. SiLU-mul multiplies
-    # two spiked values, so its spikes stay at 3-30x: larger ones overflow the float16 INT8 scale.
-    spike = (3, 30) if kind == "silu" else (30, 300)
+    # two spiked values (larger spikes overflow the float16 INT8 scale), and a masked spike may land
+    # on an outlier channel already 10-50x larger (overflowing float16 itself), so theirs stay at 3-30x.
+    spike = (3, 30) if kind in ("silu", "masked") else (30, 300)
     for r in range(rows):
         cols = rng.choice(width, size=min(8, width), replace=False)
         x[r, cols] = (x[r, cols].astype(np.float32) * rng.uniform(*spike, cols.size)).astype(np.float16)
@@ -76,8 +93,11 @@ def make_inputs(kind: str, rows: int, k: int, group_size: int, rng: np.random.Ge
         else:
             x[2, index[group_size : 2 * group_size]] = 0  # input channels of output group 1
     if rows > 3 and kind != "silu":
-        x[3, index[-1:]] = 0  # one more exact zero among the outliers
+        x[3, outliers[-1:] if kind == "masked" else index[-1:]] = 0  # one more zero among the outliers
     inputs = {"x": x}
+    if kind == "masked":
+        inputs["outliers"] = outliers
+        inputs["outlier_mask"] = outlier_mask(outliers, k)
     if kind.startswith("rmsnorm"):
         inputs["weight"] = (1 + 0.3 * rng.standard_normal(k)).astype(np.float16)
     if kind in ("rmsnorm", "reorder"):
@@ -104,6 +124,11 @@ def kernel_and_ref(kind: str, k: int, group_size: int, n_outliers: int, variant:
         args = [x]
         ref = qk.silu_mul_quantize_ref(x, group_size, n_outliers, CLIP)
         values = qk.silu_mul_ref(x)
+    elif kind == "masked":
+        func = qk.outlier_mask_quantize(k, group_size, n_outliers, CLIP, variant)
+        args = [x, inputs["outliers"], inputs["outlier_mask"]]
+        ref = qk.outlier_mask_quantize_ref(x, inputs["outliers"], group_size, n_outliers, CLIP)
+        values = masked_outliers(x, inputs["outliers"])
     else:
         func = qk.reorder_quantize(k, group_size, n_outliers, CLIP, variant)
         args = [x, inputs["index"]]
@@ -268,17 +293,25 @@ def test_int4_code_bound_covers_subnormal_scales(rng):
         qk.reorder_quantize(4096, 128, 128, 1e-6, "cuda")
 
 
-def test_generators_refuse_bad_shapes():
-    with pytest.raises(UserError, match="multiple of group size"):
-        qk.reorder_quantize(4096, 128, 100, CLIP)
-    with pytest.raises(UserError, match="group size 96"):
-        qk.silu_mul_quantize(4096, 96, 128, CLIP)
-    with pytest.raises(UserError, match="clip"):
-        qk.reorder_quantize(4096, 128, 128, 1.5)
-    with pytest.raises(UserError, match="eps"):
-        qk.rmsnorm_reorder_quantize(4096, 128, 128, CLIP, 0.0)
-    with pytest.raises(UserError, match="variant"):
-        qk.reorder_quantize(4096, 128, 128, CLIP, "rocm")
+@pytest.mark.parametrize("message,make", [
+    ("multiple of group size", lambda: qk.reorder_quantize(4096, 128, 100, CLIP)),
+    ("group size 96", lambda: qk.silu_mul_quantize(4096, 96, 128, CLIP)),
+    ("clip", lambda: qk.reorder_quantize(4096, 128, 128, 1.5)),
+    ("eps", lambda: qk.rmsnorm_reorder_quantize(4096, 128, 128, CLIP, 0.0)),
+    ("variant", lambda: qk.reorder_quantize(4096, 128, 128, CLIP, "rocm")),
+    # The masked layout's INT4 part is all `width` input channels; its outliers are some of them.
+    ("4160 is not a multiple of group size 128; use --group-size 64",
+     lambda: qk.outlier_mask_quantize(4160, 128, 128, CLIP)),
+    ("outliers moved to the end", lambda: qk.outlier_mask_quantize(4100, 64, 128, CLIP)),
+    ("between 0 and 576", lambda: qk.outlier_mask_quantize(576, 64, 600, CLIP)),
+    ("--n-outliers 104", lambda: qk.outlier_mask_quantize(4096, 128, 100, CLIP)),
+    ("group size 96", lambda: qk.outlier_mask_quantize(4096, 96, 128, CLIP)),
+    ("clip", lambda: qk.outlier_mask_quantize(4096, 128, 128, 0.0)),
+    ("clip ratio 1e-06", lambda: qk.outlier_mask_quantize(4096, 128, 128, 1e-6, "cuda")),
+])
+def test_generators_refuse_bad_shapes(message, make):
+    with pytest.raises(UserError, match=message):
+        make()
 
 
 # ------------------------------------------------------------------------------ CPU builds
@@ -291,17 +324,41 @@ def test_cpu_kernel_matches_reference(kind, k, group_size, n_outliers, rng):
     exe = None
     rows_list = ROWS if (k, group_size, n_outliers) in SHAPES else (5,)
     for rows in rows_list:
-        inputs = make_inputs(kind, rows, k, group_size, rng)
+        inputs = make_inputs(kind, rows, k, group_size, n_outliers, rng)
         func, args, ref, values = kernel_and_ref(kind, k, group_size, n_outliers, "cpu", inputs)
         if exe is None:  # one build per shape: M is dynamic
             exe = qk.build(func, "cpu")
-        got = run(exe, func, args, rows, k, group_size, n_outliers, dev)
+        got = run(exe, func, args, rows, layout_channels(kind, k, n_outliers), group_size,
+                  n_outliers, dev)
         check(kind, got, ref, values, group_size, n_outliers)
+
+
+@pytest.mark.parametrize("variant", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_masked_outlier_channel_stays_out_of_its_group(variant, rng):
+    """Whatever an outlier channel holds, its INT4 group quantizes as if it were 0: the kernel
+    selects 0 there rather than multiplying by 0, which would turn inf into NaN."""
+    k, group_size, n_outliers = 576, 64, 128
+    poisons = (np.inf, -np.inf, np.nan, 65504)
+    inputs = make_inputs("masked", 1 + len(poisons), k, group_size, n_outliers, rng)
+    x, channel = inputs["x"], inputs["outliers"][0]
+    x[1:] = x[0]
+    x[0, channel] = 0
+    x[1:, channel] = poisons
+    dev, archs = (tvm.cpu(), ()) if variant == "cpu" else (tvm.cuda(0), (_gpu_arch(),))
+    func = qk.outlier_mask_quantize(k, group_size, n_outliers, CLIP, variant)
+    exe = qk.build(func, variant, archs)
+    q4, s4, _, _ = run(exe, func, [x, inputs["outliers"], inputs["outlier_mask"]], len(x),
+                       k + n_outliers, group_size, n_outliers, dev)
+    group = channel // group_size
+    assert s4[0, group] > 0  # the group has other values: the comparison is not of zeros
+    for r, poison in enumerate(poisons, 1):
+        np.testing.assert_array_equal(q4[r], q4[0], err_msg=f"q4 with {poison}")
+        np.testing.assert_array_equal(s4[r], s4[0], err_msg=f"s4 with {poison}")
 
 
 def test_assert_close_catches_a_wrong_code(rng):
     """The tolerant check is not vacuous: one flipped code away from a tie fails it."""
-    inputs = make_inputs("silu", 4, 576, 64, rng)
+    inputs = make_inputs("silu", 4, 576, 64, 128, rng)
     _, _, ref, values = kernel_and_ref("silu", 576, 64, 128, "cpu", inputs)
     got = [ref.q4.copy(), ref.s4, ref.q8.copy(), ref.s8]
     assert_close(got, ref, values, 64, 128)
@@ -334,7 +391,7 @@ def test_staged_words_are_a_conflict_free_permutation(slots):
 
 
 def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
-    """All four CUDA kernels (H = 4096, G = 128) in one module, one nvcc run, SASS per arch."""
+    """All five CUDA kernels (H = 4096, G = 128) in one module, one nvcc run, SASS per arch."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed (CUDA toolkit needed to build --target cuda)")
     if cuda_build.find_cuobjdump() is None:
@@ -344,6 +401,7 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
         qk.rmsnorm_reorder_quantize(4096, 128, 128, CLIP, EPS, "cuda"),
         qk.silu_mul_quantize(11008, 128, 128, CLIP, "cuda"),
         qk.reorder_quantize(4096, 128, 128, CLIP, "cuda"),
+        qk.outlier_mask_quantize(4096, 128, 128, CLIP, "cuda"),
     ]
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     exe = qk.build(mod, "cuda", ("sm_80", "sm_90a"))
@@ -368,23 +426,25 @@ def _gpu_arch() -> str:
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,group_size,n_outliers", SHAPES + [(14336, 128, 128)] + EXTRA_SHAPES)
 def test_gpu_kernels_match_reference(k, group_size, n_outliers, rng):
-    """CUDA variants on the GPU: the RMSNorm kernels and reorder bit-exact, silu within the exp tolerance."""
+    """CUDA variants on the GPU: all bit-exact but silu, which is within the exp tolerance."""
     dev = tvm.cuda(0)
     funcs = {
         "rmsnorm": qk.rmsnorm_reorder_quantize(k, group_size, n_outliers, CLIP, EPS, "cuda"),
         "rmsnorm_inorder": qk.rmsnorm_quantize(k, group_size, n_outliers, CLIP, EPS, "cuda"),
         "silu": qk.silu_mul_quantize(k, group_size, n_outliers, CLIP, "cuda"),
         "reorder": qk.reorder_quantize(k, group_size, n_outliers, CLIP, "cuda"),
+        "masked": qk.outlier_mask_quantize(k, group_size, n_outliers, CLIP, "cuda"),
     }
-    # One module, one nvcc run for the four kernels of this shape.
+    # One module, one nvcc run for the kernels of this shape.
     exe = qk.build(tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs.values()}), "cuda",
                    (_gpu_arch(),))
     failures = []  # every kind and size is checked before failing, to see the whole picture
     for rows in ROWS + (2500,):  # 2500: thousands of blocks in flight
         for kind in KINDS:
-            inputs = make_inputs(kind, rows, k, group_size, rng)
+            inputs = make_inputs(kind, rows, k, group_size, n_outliers, rng)
             func, args, ref, values = kernel_and_ref(kind, k, group_size, n_outliers, "cuda", inputs)
-            got = run(exe, func, args, rows, k, group_size, n_outliers, dev)
+            got = run(exe, func, args, rows, layout_channels(kind, k, n_outliers), group_size,
+                      n_outliers, dev)
             try:
                 check(kind, got, ref, values, group_size, n_outliers, f"rows={rows}")
             except AssertionError as err:

@@ -1,6 +1,6 @@
 """Fused activation quantizers: the kernels that turn fp16 activations into Atom's W4A4 input.
 
-Three kernels, each one pass over a row of tokens, each writing the Atom activation layout of
+Five kernels, each one pass over a row of tokens, each writing the Atom activation layout of
 `atom_tvm.quantization.formats` (packed INT4 groups + one INT8 outlier block per token):
 
 * `rmsnorm_quantize` - RMSNorm of the residual stream, then quantization: the input of the q/k/v
@@ -11,10 +11,16 @@ Three kernels, each one pass over a row of tokens, each writing the Atom activat
 * `silu_mul_quantize` - SiLU(gate) * up of the fused gate_up GEMM output: the down_proj input.
   No reorder: down_proj's input permutation is folded into the gate/up weight rows offline, so
   the last O channels of ``gate_up[:, :I]`` and ``gate_up[:, I:]`` already are the outliers.
-* `reorder_quantize` - reorder and quantize: the o_proj input.
+* `reorder_quantize` - reorder and quantize: the o_proj input when its outliers are moved to the
+  end (a permutation of attention's output channels).
+* `outlier_mask_quantize` - the o_proj input in attention's own channel order, in formats'
+  masked-outlier layout: INT4 over all ``width`` channels with the outlier channels zeroed (a
+  select on the bits of ``outlier_mask``, so an inf or NaN there cannot reach its group), and the
+  outlier channels ``x[:, outliers]`` copied into the INT8 block. No reorder, so it streams.
 
 Every kernel takes the token count M as a dynamic dimension and writes, destination-passing
-style, ``q4 uint8 [M, (K-O)/2], s4 float16 [M, (K-O)/G], q8 int8 [M, O], s8 float16 [M, 1]``.
+style, ``q4 uint8 [M, (K-O)/2], s4 float16 [M, (K-O)/G], q8 int8 [M, O], s8 float16 [M, 1]``
+(for `outlier_mask_quantize` K = width + O: its INT4 part is all ``width`` input channels).
 
 Numerics (what the ``*_ref`` functions beside the kernels compute, operation by operation)
 ------------------------------------------------------------------------------------------
@@ -41,7 +47,7 @@ Numerics (what the ``*_ref`` functions beside the kernels compute, operation by 
   differ from the reference by a few float32 ulp in ``y``, which moves a code only where
   ``y * r`` lies within ~1e-6 (relative) of a rounding boundary, and a float16 scale by at most
   1 ulp where ``absmax * clip/qmax`` lies that close to a float16 rounding boundary.
-  `reorder_quantize` has no transcendental and matches exactly.
+  `reorder_quantize` and `outlier_mask_quantize` have no transcendental and match exactly.
 * Scales: ``r = 1 / float32(scale)`` correctly rounded (``__frcp_rn`` on CUDA, see above).
 * Codes: ``clamp(rint(y * r))`` as formats defines them, computed as ``bits(clamp(y * r) +
   1.5 * 2**23)`` (see `_code`): exact, and cheaper on a GPU than a round and a conversion. The
@@ -59,8 +65,10 @@ threads. Each thread owns 8 consecutive channels per step (one 16-byte fp16 load
 store of packed INT4), so an INT4 group of 64 / 128 channels is 8 / 16 consecutive lanes of one
 warp and its absmax is a 3 / 4-step XOR shuffle; the outlier block's absmax and the RMSNorm sum
 of squares are block reductions (warp shuffles, then the warp results through shared memory).
-SiLU-mul and in-order RMSNorm: one block per row (256 threads; RMSNorm 128, the LANES of its
-sum), straight from global memory into registers. The two reordering kernels: one block per tile of R rows, R = 3 for RMSNorm (1 above 6144 channels; `word_slots`)
+SiLU-mul, in-order RMSNorm and masked outliers: one block per row (256 threads; RMSNorm 128, the
+LANES of its sum), straight from global memory into registers; the masked kernel also loads each
+chunk's ``outlier_mask`` byte and gathers its INT8 block one float16 at a time from the row it
+has just read (cache hits). The two reordering kernels: one block per tile of R rows, R = 3 for RMSNorm (1 above 6144 channels; `word_slots`)
 in blocks of 128 threads (the LANES of the sum), R = 2 for reorder in blocks of 256
 (`_REORDER_THREADS`). The block stages a tile in shared memory interleaved, one word per
 channel holding that channel of every row (and of the RMSNorm weight), so that one gather
@@ -78,7 +86,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from atom_tvm.errors import UserError
-from atom_tvm.quantization.formats import AtomActivation, check_atom_split, quantize_atom_activation
+from atom_tvm.quantization.formats import (
+    GROUP_SIZES,
+    AtomActivation,
+    check_atom_split,
+    masked_outliers,
+    quantize_atom_activation,
+)
 from deploy.targets import make_target
 
 __all__ = [
@@ -88,12 +102,14 @@ __all__ = [
     "rmsnorm_reorder_quantize",
     "silu_mul_quantize",
     "reorder_quantize",
+    "outlier_mask_quantize",
     "rmsnorm_ref",
     "rmsnorm_quantize_ref",
     "rmsnorm_reorder_quantize_ref",
     "silu_mul_ref",
     "silu_mul_quantize_ref",
     "reorder_quantize_ref",
+    "outlier_mask_quantize_ref",
     "output_shapes",
     "build",
 ]
@@ -110,8 +126,9 @@ _INT4 = (-8, 7)
 _INT8 = (-128, 127)
 _ROUND_MAGIC = 1.5 * 2**23
 _ROUND_MAGIC_BITS = 0x4B400000  # the float32 bits of _ROUND_MAGIC
-#: Threads per row of the SiLU-mul kernel.
-_SILU_THREADS = 256
+#: Threads per row of the one-block-per-row kernels that have no sum of squares to order
+#: (SiLU-mul, masked outliers).
+_ROW_THREADS = 256
 #: float16 slots per staged shared-memory word of the reordering CUDA kernels (rows per block,
 #: plus w for RMSNorm), as measured best on the H200 at H = 4096 (docs/bench/quantize_kernels.md):
 #: reorder 2 (two rows, 17 KiB of shared memory per block), RMSNorm 4 (three rows, amortizing
@@ -215,6 +232,15 @@ def reorder_quantize_ref(
     return quantize_atom_activation(y, group_size, n_outliers, clip)
 
 
+def outlier_mask_quantize_ref(
+    x: np.ndarray, outliers: np.ndarray, group_size: int, n_outliers: int, clip: float
+) -> AtomActivation:
+    """What `outlier_mask_quantize` writes: the quantized masked-outlier layout
+    ``[x * keep, x[:, outliers]]`` of formats."""
+    y = masked_outliers(np.asarray(x, np.float16).astype(np.float32), outliers)
+    return quantize_atom_activation(y, group_size, n_outliers, clip)
+
+
 def output_shapes(rows: int, k: int, group_size: int, n_outliers: int) -> list[tuple[tuple[int, ...], str]]:
     """Shapes and dtypes of the four outputs (q4, s4, q8, s8) for ``rows`` tokens of ``k`` channels."""
     normal = k - n_outliers
@@ -263,6 +289,31 @@ def reorder_quantize(
 ) -> tirx.PrimFunc:
     """``(x fp16 [M, H], index int32 [H], q4, s4, q8, s8)``: reorder, quantize."""
     spec = _Spec("reorder", hidden_size, group_size, n_outliers, clip, 0.0)
+    return _generate(spec, variant)
+
+
+def outlier_mask_quantize(
+    width: int, group_size: int, n_outliers: int, clip: float, variant: str = "cuda"
+) -> tirx.PrimFunc:
+    """``(x fp16 [M, width], outliers int32 [O], outlier_mask uint8 [width/8], q4, s4, q8, s8)``:
+    formats' masked-outlier layout of ``x`` in its own channel order. INT4 over all ``width``
+    channels, those whose bit is set in ``outlier_mask`` (`formats.outlier_mask` of ``outliers``)
+    as 0; INT8 of ``x[:, outliers]`` in the order of ``outliers``. The outputs are
+    ``output_shapes(M, width + O, group_size, O)``."""
+    if not 0 <= n_outliers <= width:
+        raise UserError(f"{n_outliers} outlier channels are not a subset of the {width} input "
+                        f"channels; use --n-outliers between 0 and {width}")
+    if group_size in GROUP_SIZES and width % group_size:
+        working = [g for g in GROUP_SIZES if width % g == 0]
+        fix = (f"use --group-size {working[0]}" if working else
+               "quantize this input with its outliers moved to the end (reorder_quantize)")
+        raise UserError(f"the masked-outlier layout puts all {width} input channels into INT4 "
+                        f"groups, and {width} is not a multiple of group size {group_size}; {fix}")
+    if n_outliers % VEC:
+        raise UserError(f"{n_outliers} outlier channels make the layout's {width} + {n_outliers} "
+                        f"channels no multiple of {VEC}; use --n-outliers "
+                        f"{n_outliers + VEC - n_outliers % VEC}")
+    spec = _Spec("masked", width + n_outliers, group_size, n_outliers, clip, 0.0)
     return _generate(spec, variant)
 
 
@@ -437,6 +488,13 @@ def _int4_code_bound(clip: float) -> float:
     return 1.5 * _INT4[1] / clip * (1 + 2.0**-10)
 
 
+def _unless_outlier(mask_byte, bit, value):
+    """``value``, or 0 where bit ``bit`` of the ``outlier_mask`` byte is set: a select rather than
+    a multiply by 0/1, so that an inf or NaN in an outlier channel cannot reach its INT4 group."""
+    is_outlier = T.bitwise_and(T.Cast("int32", mask_byte), T.shift_left(T.int32(1), bit)) != 0
+    return T.Select(is_outlier, T.float32(0), value)
+
+
 def _silu(g):
     """g / (1 + exp(-g)) with IEEE division (the reference's operations)."""
     return g / (T.float32(1) + T.exp(-g))
@@ -573,6 +631,25 @@ def _cpu_kernel(spec: _Spec) -> tirx.PrimFunc:
                 y = T.decl_buffer((K,), "float32")
                 for j in range(K):
                     y[j] = _silu(T.Cast("float32", GU[m, j])) * T.Cast("float32", GU[m, K + j])
+                quantize_row(y, m, Q4, S4, Q8, S8)
+
+    elif kind == "masked":
+
+        @T.prim_func
+        def cpu(x_h: T.handle, outliers_h: T.handle, mask_h: T.handle, q4_h: T.handle,
+                s4_h: T.handle, q8_h: T.handle, s8_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            M = T.int64()
+            X = T.match_buffer(x_h, (M, N), "float16")
+            Outliers = T.match_buffer(outliers_h, (O,), "int32")
+            Mask = T.match_buffer(mask_h, (N // VEC,), "uint8")
+            Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
+            for m in T.parallel(M):
+                y = T.decl_buffer((K,), "float32")
+                for j in range(N):
+                    y[j] = _unless_outlier(Mask[j // VEC], j % VEC, T.Cast("float32", X[m, j]))
+                for j in range(O):
+                    y[N + j] = T.Cast("float32", X[m, Outliers[j]])
                 quantize_row(y, m, Q4, S4, Q8, S8)
 
     else:
@@ -751,6 +828,8 @@ def _cuda_kernel(spec: _Spec) -> tirx.PrimFunc:
         return _cuda_silu_kernel(spec)
     if spec.kind == "rmsnorm_inorder":
         return _cuda_rmsnorm_inorder_kernel(spec)
+    if spec.kind == "masked":
+        return _cuda_masked_kernel(spec)
     return _cuda_reorder_kernel(spec)
 
 
@@ -982,6 +1061,47 @@ def _cuda_reorder_kernel(spec: _Spec) -> tirx.PrimFunc:
     return cuda
 
 
+def _streamed_row_quantizer(spec: _Spec, threads: int):
+    """The quantizing half of the one-block-per-row kernels, whose lanes hold their INT4 chunks'
+    inputs in registers: a macro ``quantize(outlier, chunk, sources, row, M, tx, Q4w, S4, Q8, S8,
+    part_max)`` quantizing the INT8 block from ``outlier(sources, row, j)``, the value of outlier
+    channel j (one per lane and step; the block reduction of its absmax is the kernel's barrier),
+    then the lane's INT4 chunks from ``chunk(sources, step, e)``, the value of channel e of the
+    lane's chunk of that step (their group absmax by shuffles). ``sources`` are the kernel's
+    buffers that the two read."""
+    N, O, G = spec.normal, spec.n_outliers, spec.group_size
+    c4, c8 = spec.c4, spec.c8
+    q_chunks = N // VEC
+    q_steps = -(-q_chunks // threads)
+    o_steps = -(-O // threads)
+    group_lanes = G // VEC
+
+    @T.macro
+    def quantize(outlier, chunk, sources, row, M, tx, Q4w, S4, Q8, S8, part_max):
+        if O > 0:
+            ov = T.alloc_local((o_steps,), "float32")
+            for step in T.unroll(o_steps):
+                ov[step] = T.float32(0)
+                if tx + step * threads < O:
+                    ov[step] = outlier(sources, row, tx + step * threads)
+            _quantize_outliers(ov, 1, row, M, tx, threads, o_steps, Q8, S8, part_max, O, c8)
+        elif tx == 0:
+            S8[row, 0] = T.float16(0)
+        vals = T.alloc_local((VEC,), "float32")
+        for step in T.unroll(q_steps):
+            for e in T.unroll(VEC):
+                vals[e] = T.float32(0)
+            if tx + step * threads < q_chunks:
+                for e in T.unroll(VEC):
+                    vals[e] = chunk(sources, step, e)
+            amax = T.alloc_local((1,), "float32")
+            _float_group_absmax(vals, amax, 1, group_lanes)
+            _quantize_chunks(vals, amax, 1, tx + step * threads, tx + step * threads < q_chunks,
+                             row, M, Q4w, S4, group_lanes, c4, False)
+
+    return quantize
+
+
 def _cuda_rmsnorm_inorder_kernel(spec: _Spec) -> tirx.PrimFunc:
     """RMSNorm + quantize of rows already in the quantizer's order: one block of LANES threads per
     row, each lane loading its 8-channel chunks of x and w straight into registers (16-byte loads,
@@ -989,15 +1109,22 @@ def _cuda_rmsnorm_inorder_kernel(spec: _Spec) -> tirx.PrimFunc:
     quantizing from the registers. Without the reorder's shared-memory round trip and barrier the
     per-row chain is short enough that the kernel streams: 1.3-1.4x the reordering kernel for
     prefill rows and 1.9x for decode rows on an H100 (docs/bench/quantize_kernels.md)."""
-    K, N, O, G = spec.k, spec.normal, spec.n_outliers, spec.group_size
-    c4, c8, eps = spec.c4, spec.c8, spec.eps
+    K, N, eps = spec.k, spec.normal, spec.eps
     threads = LANES
     warps = threads // _WARP
     chunks = K // VEC
     steps = -(-chunks // threads)
-    q_chunks = N // VEC
-    o_steps = -(-O // threads)
-    group_lanes = G // VEC
+    quantize = _streamed_row_quantizer(spec, threads)
+
+    def outlier(sources, row, j):
+        # The outlier channels again from global memory (L1 hits): a lane's outlier channels
+        # are not the chunks it holds.
+        X, W, _, _, rs = sources
+        return (T.Cast("float32", X[row, N + j]) * rs[0]) * T.Cast("float32", W[N + j])
+
+    def chunk(sources, step, e):
+        _, _, xv, wv, rs = sources
+        return (T.Cast("float32", xv[step * VEC + e]) * rs[0]) * T.Cast("float32", wv[step * VEC + e])
 
     @T.prim_func
     def cuda(x_h: T.handle, w_h: T.handle, q4_h: T.handle, s4_h: T.handle, q8_h: T.handle, s8_h: T.handle):
@@ -1028,29 +1155,7 @@ def _cuda_rmsnorm_inorder_kernel(spec: _Spec) -> tirx.PrimFunc:
         _block_reduce(sumsq, 1, part_sum, tx, warps, _add)
         rs = T.alloc_local((1,), "float32")
         rs[0] = _cuda_rms_reciprocal(sumsq[0], K, eps)
-        if O > 0:
-            # The outlier channels again from global memory (L1 hits): a lane's outlier channels
-            # are not the chunks it holds.
-            ov = T.alloc_local((o_steps,), "float32")
-            for step in T.unroll(o_steps):
-                ov[step] = T.float32(0)
-                if tx + step * threads < O:
-                    ov[step] = (T.Cast("float32", X[row, N + tx + step * threads]) * rs[0]) * T.Cast(
-                        "float32", W[N + tx + step * threads])
-            _quantize_outliers(ov, 1, row, M, tx, threads, o_steps, Q8, S8, part_max, O, c8)
-        elif tx == 0:
-            S8[row, 0] = T.float16(0)
-        vals = T.alloc_local((VEC,), "float32")
-        amax = T.alloc_local((1,), "float32")
-        for step in T.unroll(-(-q_chunks // threads)):
-            for e in T.unroll(VEC):
-                vals[e] = T.float32(0)
-            if tx + step * threads < q_chunks:
-                for e in T.unroll(VEC):
-                    vals[e] = (T.Cast("float32", xv[step * VEC + e]) * rs[0]) * T.Cast("float32", wv[step * VEC + e])
-            _float_group_absmax(vals, amax, 1, group_lanes)
-            _quantize_chunks(vals, amax, 1, tx + step * threads, tx + step * threads < q_chunks,
-                             row, M, Q4w, S4, group_lanes, c4, False)
+        quantize(outlier, chunk, (X, W, xv, wv, rs), row, M, tx, Q4w, S4, Q8, S8, part_max)
 
     return cuda
 
@@ -1058,13 +1163,19 @@ def _cuda_rmsnorm_inorder_kernel(spec: _Spec) -> tirx.PrimFunc:
 def _cuda_silu_kernel(spec: _Spec) -> tirx.PrimFunc:
     """SiLU-mul + quantize: one block of 256 threads per row, no shared-memory staging (no
     reorder), every 16-byte load of the INT4 part issued before the outliers' reduction."""
-    K, N, O, G = spec.k, spec.normal, spec.n_outliers, spec.group_size
-    c4, c8 = spec.c4, spec.c8
-    threads = _SILU_THREADS
+    K, N = spec.k, spec.normal
+    threads = _ROW_THREADS
     q_chunks = N // VEC
     q_steps = -(-q_chunks // threads)
-    o_steps = -(-O // threads)
-    group_lanes = G // VEC
+    quantize = _streamed_row_quantizer(spec, threads)
+
+    def outlier(sources, row, j):
+        GU, _, _ = sources
+        return _silu_fast_div(T.Cast("float32", GU[row, N + j])) * T.Cast("float32", GU[row, K + N + j])
+
+    def chunk(sources, step, e):
+        _, gv, uv = sources
+        return _silu_fast_div(T.Cast("float32", gv[step * VEC + e])) * T.Cast("float32", uv[step * VEC + e])
 
     @T.prim_func
     def cuda(gu_h: T.handle, q4_h: T.handle, s4_h: T.handle, q8_h: T.handle, s8_h: T.handle):
@@ -1084,27 +1195,52 @@ def _cuda_silu_kernel(spec: _Spec) -> tirx.PrimFunc:
                     gv[step * VEC + e] = GU[row, (tx + step * threads) * VEC + e]
                 for e in T.vectorized(VEC):
                     uv[step * VEC + e] = GU[row, K + (tx + step * threads) * VEC + e]
-        if O > 0:
-            ov = T.alloc_local((o_steps,), "float32")
-            for step in T.unroll(o_steps):
-                ov[step] = T.float32(0)
-                if tx + step * threads < O:
-                    ov[step] = _silu_fast_div(T.Cast("float32", GU[row, N + tx + step * threads])) * T.Cast(
-                        "float32", GU[row, K + N + tx + step * threads])
-            _quantize_outliers(ov, 1, row, M, tx, threads, o_steps, Q8, S8, part_max, O, c8)
-        elif tx == 0:
-            S8[row, 0] = T.float16(0)
-        vals = T.alloc_local((VEC,), "float32")
+        quantize(outlier, chunk, (GU, gv, uv), row, M, tx, Q4w, S4, Q8, S8, part_max)
+
+    return cuda
+
+
+def _cuda_masked_kernel(spec: _Spec) -> tirx.PrimFunc:
+    """Masked outliers + quantize: one block of 256 threads per row, as SiLU-mul. A lane loads its
+    8-channel chunks of x (16-byte loads) and their ``outlier_mask`` bytes straight into
+    registers and zeroes the outlier channels by a select, so the INT4 part needs neither staging
+    nor a gather (`reorder_quantize` needs both). The INT8 block is gathered one float16 at a time
+    from the row the block is reading anyway; all of those loads are issued before the outliers'
+    block reduction, the one barrier."""
+    N, O = spec.normal, spec.n_outliers
+    threads = _ROW_THREADS
+    q_chunks = N // VEC
+    q_steps = -(-q_chunks // threads)
+    quantize = _streamed_row_quantizer(spec, threads)
+
+    def outlier(sources, row, j):
+        X, Outliers, _, _ = sources
+        return T.Cast("float32", X[row, Outliers[j]])
+
+    def chunk(sources, step, e):
+        _, _, xv, mask = sources
+        return _unless_outlier(mask[step], e, T.Cast("float32", xv[step * VEC + e]))
+
+    @T.prim_func
+    def cuda(x_h: T.handle, outliers_h: T.handle, mask_h: T.handle, q4_h: T.handle, s4_h: T.handle,
+             q8_h: T.handle, s8_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        M = T.int64()
+        X = T.match_buffer(x_h, (M, N), "float16")
+        Outliers = T.match_buffer(outliers_h, (O,), "int32")
+        Mask = T.match_buffer(mask_h, (q_chunks,), "uint8")
+        Q4, S4, Q8, S8 = _match_outputs(q4_h, s4_h, q8_h, s8_h, M, spec)
+        Q4w = T.decl_buffer((M, N // 8), "uint32", data=Q4.data)
+        row = T.launch_thread("blockIdx.x", M)
+        tx = T.launch_thread("threadIdx.x", threads)
+        part_max = T.alloc_shared((threads // _WARP,), "float32")
+        xv = T.alloc_local((q_steps * VEC,), "float16")
+        mask = T.alloc_local((q_steps,), "uint8")
         for step in T.unroll(q_steps):
-            for e in T.unroll(VEC):
-                vals[e] = T.float32(0)
             if tx + step * threads < q_chunks:
-                for e in T.unroll(VEC):
-                    vals[e] = _silu_fast_div(T.Cast("float32", gv[step * VEC + e])) * T.Cast(
-                        "float32", uv[step * VEC + e])
-            amax = T.alloc_local((1,), "float32")
-            _float_group_absmax(vals, amax, 1, group_lanes)
-            _quantize_chunks(vals, amax, 1, tx + step * threads, tx + step * threads < q_chunks,
-                             row, M, Q4w, S4, group_lanes, c4, False)
+                for e in T.vectorized(VEC):
+                    xv[step * VEC + e] = X[row, (tx + step * threads) * VEC + e]
+                mask[step] = Mask[tx + step * threads]
+        quantize(outlier, chunk, (X, Outliers, xv, mask), row, M, tx, Q4w, S4, Q8, S8, part_max)
 
     return cuda

@@ -49,6 +49,16 @@ part uses the caller's ``clip``; the INT8 outliers never clip (they are the larg
 The GEMM then is ``y[m, n] = sum_g sx4[m,g] sw4[n,g] sum_{k in g} qx4 qw4
 + sx8[m] sw8[n] sum_{k >= K-O} qx8 qw8``, each inner sum an exact int32 accumulation.
 
+**Masked outliers** (o_proj's input by default, `atom_tvm.quantization.reorder`): an activation
+of ``K`` channels in its own order, whose outlier channels ``outliers`` (int32 [O]) are not
+moved to the end but *copied*: the layout above of the ``K + O`` channels
+``[x * keep, x[:, outliers]]``, ``keep`` zero on the outlier channels and one elsewhere. The INT4
+part spans all K channels in order (an outlier channel codes 0 and stays out of its group's
+absmax), the INT8 block holds the outliers; the weight is expanded the same way,
+``[W * keep, W[:, outliers]]``, so the product is unchanged. A kernel reads which channels
+are outliers from ``outlier_mask`` (uint8 [K/8]): bit ``e`` of byte ``c`` is set iff channel
+``8c + e`` is an outlier.
+
 KV cache codes are ``uint8 [..., head_dim]`` for 8 bits and ``uint8 [..., head_dim/2]`` for
 4 bits, with ``scale`` and ``zero`` both ``float16 [..., 1]``.
 """
@@ -247,6 +257,25 @@ def _quantize_atom(x: np.ndarray, group_size: int, n_outliers: int, clip: float)
     else:
         q8, s8 = np.zeros((rows, 0), np.int8), np.zeros((rows, 1), np.float16)
     return pack_int4(q4), s4, q8, s8
+
+
+def masked_outliers(x: np.ndarray, outliers: np.ndarray) -> np.ndarray:
+    """``[x * keep, x[:, outliers]]``: the ``K + O`` channels of the masked-outlier layout
+    (module docstring) of ``x [rows, K]``, float32."""
+    x = np.asarray(x, np.float32)
+    outliers = np.asarray(outliers)
+    masked = x.copy()
+    masked[:, outliers] = 0.0
+    return np.concatenate([masked, x[:, outliers]], axis=1)
+
+
+def outlier_mask(outliers: np.ndarray, k: int) -> np.ndarray:
+    """uint8 [K/8]: bit ``e`` of byte ``c`` set iff channel ``8c + e`` is in ``outliers``."""
+    if k % 8:
+        raise UserError(f"channel count {k} is not a multiple of 8 (one mask byte per 8 channels)")
+    bits = np.zeros(k, bool)
+    bits[np.asarray(outliers)] = True
+    return np.packbits(bits.reshape(-1, 8), axis=1, bitorder="little")[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
