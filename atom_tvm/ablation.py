@@ -4,8 +4,9 @@
 
 Each row adds one technique to the row before (W4A4 RTN, + 128 outlier channels kept in FP16, + those
 outliers in INT8, + group quantization, + clipping, + GPTQ, + INT4 KV cache: the paper's Atom), then
-atom-w4a4 (what atom-tvm packages run: the same with one residual-stream channel order shared by all
-layers, `atom_tvm.quantization.reorder`), next to the FP baseline and the W8A8 and W4A16 baselines. Calibration (outlier statistics and GPTQ Hessians) runs once on the
+atom-tvm's two layout changes (`atom_tvm.quantization.reorder`): + one residual-stream channel order
+shared by all layers, + o_proj's outliers masked in place (atom-w4a4: what atom-tvm packages run),
+next to the FP baseline and the W8A8 and W4A16 baselines. Calibration (outlier statistics and GPTQ Hessians) runs once on the
 train split of the corpus; perplexity is measured on its test split, so the two never share text.
 Writes `<out>.md` (table), `<out>.png` (bar chart) and `<out>.json`.
 """
@@ -25,7 +26,7 @@ from atom_tvm.package import write_json_atomic
 from atom_tvm.staging import atomic_output
 
 ROWS = ("fp16", "w4a4-rtn", "+outliers-fp16", "+outliers-int8", "+group", "+clip", "+gptq", "+kv4",
-        "atom-w4a4", "w8a8", "w4a16")
+        "+shared-order", "atom-w4a4", "w8a8", "w4a16")
 LABELS = {
     "fp16": "FP baseline (float32 here)",
     "w4a4-rtn": "W4A4 RTN",
@@ -35,7 +36,8 @@ LABELS = {
     "+clip": "+ clipping (0.85 weights, 0.9 activations)",
     "+gptq": "+ GPTQ weights",
     "+kv4": "+ INT4 KV cache (the paper's Atom)",
-    "atom-w4a4": "+ one residual order for all layers (atom-w4a4)",
+    "+shared-order": "+ one residual order for all layers",
+    "atom-w4a4": "+ o_proj outliers masked in place (atom-w4a4)",
     "w8a8": "W8A8 baseline (per channel / per token)",
     "w4a16": "W4A16 baseline (groups of G)",
 }

@@ -9,13 +9,16 @@ GPTQ by default) -> write an *Atom checkpoint* directory (layout in docs/design.
 
 - `model.safetensors`: per layer the fused `self_attn.qkv_proj`, `self_attn.o_proj`, `mlp.gate_up_proj`,
   `mlp.down_proj` as `.q4` (uint8, two INT4 per byte), `.s4` (fp16 group scales), `.q8` (int8 outliers),
-  `.s8` (fp16 per-row outlier scale); the permuted norm weights; the runtime reorder indices (int32:
-  `self_attn.o_proj.reorder_index`, and with ``--residual-order per-layer`` also
-  `input_layernorm.reorder_index` and `post_attention_layernorm.reorder_index`); embeddings, final
+  `.s8` (fp16 per-row outlier scale); the permuted norm weights; o_proj's outlier channels (with the
+  default ``--o-proj-outliers masked``: `self_attn.o_proj.outlier_index`, int32 [O], and
+  `self_attn.o_proj.outlier_mask`, uint8 [K/8], with o_proj's packed weight K + O wide; with
+  ``gathered``: the reorder index `self_attn.o_proj.reorder_index`); with ``--residual-order
+  per-layer`` the norms' reorder indices `input_layernorm.reorder_index` and
+  `post_attention_layernorm.reorder_index` (int32); embeddings, final
   norm and lm_head in fp16 (with the default ``--residual-order shared``, in the residual stream's
   stored channel order: see `atom_tvm.quantization.reorder`).
 - `atom_quant_config.json`: the scheme (group size, outliers, clip ratios, GPTQ, KV bits, residual
-  order), the calibration, and ``tensor_parallel_shards`` (``--tensor-parallel-shards N``: o_proj and down_proj are then
+  order, o_proj outlier layout), the calibration, and ``tensor_parallel_shards`` (``--tensor-parallel-shards N``: o_proj and down_proj are then
   quantized per shard slice, under ``<linear>.blocks.<b>.*``; see `quantized_tensors`).
 - `config.json` and the tokenizer files, copied.
 
@@ -36,12 +39,13 @@ import numpy as np
 from atom_tvm.datasets import WIKIPEDIA, load_text
 from atom_tvm.errors import UserError, run_command
 from atom_tvm.package import write_json_atomic
-from atom_tvm.quantization.reorder import RESIDUAL_ORDERS
+from atom_tvm.quantization.reorder import O_PROJ_OUTLIERS, RESIDUAL_ORDERS
 from atom_tvm.staging import check_output_dir, staged_output_dir
 
 QUANT_CONFIG = "atom_quant_config.json"
 # 2: the residual order (config "residual_order"; layout 1 checkpoints are all "per-layer").
-LAYOUT_VERSION = 2
+# 3: o_proj's outlier layout (config "o_proj_outliers"; layouts 1 and 2 are all "gathered").
+LAYOUT_VERSION = 3
 # Our model's fused matrices (relax_models/llama.py) and the Hugging Face Linears stacked into each,
 # in row order. All parts of one fused matrix read the same activation site.
 FUSED_LINEARS = {
@@ -57,15 +61,18 @@ RUNTIME_INDEX = {"attn_in": "input_layernorm.reorder_index",
                  "o_in": "self_attn.o_proj.reorder_index"}
 
 
-def check_sizes(cfg, group_size: int, n_outliers: int, shards: int = 1) -> None:
+def check_sizes(cfg, group_size: int, n_outliers: int, shards: int = 1, o_proj_outliers: str = "gathered") -> None:
     """Every Linear input width must split into groups after the outliers are set aside (for
-    ``shards`` > 1: each shard's slice of the row-parallel inputs)."""
+    ``shards`` > 1: each shard's slice of the row-parallel inputs; o_proj's input with ``masked``
+    outliers keeps all its channels in the groups)."""
     from atom_tvm.quantization import formats
 
     cfg.check_tensor_parallel(shards)
     slice_of = f" / {shards} shards" if shards > 1 else ""
+    attention = cfg.num_attention_heads * cfg.head_dim // shards
     widths = {"hidden_size": cfg.hidden_size, f"intermediate_size{slice_of}": cfg.intermediate_size // shards,
-              f"attention output (heads x head_dim){slice_of}": cfg.num_attention_heads * cfg.head_dim // shards}
+              f"attention output (heads x head_dim){slice_of}":
+                  attention + n_outliers if o_proj_outliers == "masked" else attention}
     for what, k in widths.items():
         try:
             formats.check_atom_split(k, group_size, n_outliers)
@@ -85,11 +92,13 @@ def quantized_tensors(model, stats, qcfg, shards: int = 1, progress: bool = True
     import torch
 
     from atom_tvm.quantization.calibrate import ProgressLine
+    from atom_tvm.quantization.formats import outlier_mask
     from atom_tvm.quantization.reorder import reorder_model
     from atom_tvm.quantization.simulate import quantize_atom_layout, reordered_hessian
 
     layers = model.model.layers
-    plan, indices = reorder_model(model, stats, qcfg.n_outliers, qcfg.residual_order, shards)
+    reordered = reorder_model(model, stats, qcfg.n_outliers, qcfg.residual_order, shards, qcfg.o_proj_outliers)
+    plan, stats = reordered.plan, reordered.stats
     tensors: dict[str, np.ndarray] = {}
 
     def fp16(t: "torch.Tensor") -> np.ndarray:
@@ -126,7 +135,14 @@ def quantized_tensors(model, stats, qcfg, shards: int = 1, progress: bool = True
                     [half for pair in zip(np.split(gate, shards), np.split(up, shards)) for half in pair]))
         tensors[prefix + "input_layernorm.weight"] = fp16(layer.input_layernorm.weight)
         tensors[prefix + "post_attention_layernorm.weight"] = fp16(layer.post_attention_layernorm.weight)
-        for site, perm in indices[i].items():
+        if i in reordered.masked:
+            o_proj = prefix + "self_attn.o_proj"
+            masked = reordered.masked[i]
+            for b, outl in enumerate(masked.outliers):
+                name = f"{o_proj}.blocks.{b}" if shards > 1 else o_proj
+                tensors[f"{name}.outlier_index"] = outl.astype(np.int32)
+                tensors[f"{name}.outlier_mask"] = outlier_mask(outl, masked.width)
+        for site, perm in reordered.indices[i].items():
             if shards > 1 and site == "o_in":  # each block's index counts within its slice
                 for b, block in enumerate(np.split(perm, shards)):
                     tensors[f"{prefix}self_attn.o_proj.blocks.{b}.reorder_index"] = (
@@ -151,8 +167,8 @@ def quantize(args: argparse.Namespace) -> Path:
     # Input checks, cheapest first, before the model is loaded or anything is written.
     cfg = LlamaConfig.from_model_dir(args.model)
     qcfg = preset("atom-w4a4", group_size=args.group_size, n_outliers=args.n_outliers, gptq=not args.no_gptq,
-                  residual_order=args.residual_order)
-    check_sizes(cfg, qcfg.group_size, qcfg.n_outliers, args.tensor_parallel_shards)
+                  residual_order=args.residual_order, o_proj_outliers=args.o_proj_outliers)
+    check_sizes(cfg, qcfg.group_size, qcfg.n_outliers, args.tensor_parallel_shards, qcfg.o_proj_outliers)
     check_output_dir(args.output, args.force)
     tokenizer_files = read_tokenizer_files(args.model)
     text = load_text(args.calib_text, "train")
@@ -187,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-order", default="shared", choices=RESIDUAL_ORDERS,
                    help="the norm inputs' outlier order: one for all layers, with the residual stream stored in "
                         "it (default; in-order norm kernels), or Atom's own per layer (a gather in every norm)")
+    p.add_argument("--o-proj-outliers", default="masked", choices=O_PROJ_OUTLIERS,
+                   help="o_proj's outlier channels: zeroed in place in the INT4 groups and copied to the INT8 "
+                        "block (default; an in-order quantizer, O more GEMM inputs), or moved out of the groups "
+                        "as in Atom's paper (a gather in o_proj's quantizer)")
     p.add_argument("--calib-text", default=WIKIPEDIA, help="'wikipedia', a text file or a corpus directory")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--calib-window-length", type=int, default=2048)

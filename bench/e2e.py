@@ -14,7 +14,8 @@ Timing does not depend on weight values, so ``build`` compiles each variant's li
 config-only model directory (config.json, a synthetic word-level tokenizer, and for atom-w4a4 the
 checkpoint's quantization config) and ``run`` fills the parameters the library's ``_metadata`` lists
 with random values generated on the device (never on disk): float tensors N(0, 0.02) (norm weights
-1), INT4/INT8 codes uniform over their bytes, reorder indices random permutations.
+1), INT4/INT8 codes and masks uniform over their bytes, int32 channel indices random permutations
+(`atom_tvm.runtime.random_weights`).
 
 Requests (`draw_requests`): prompt and output lengths are lognormal with ShareGPT's means as the
 vLLM paper reports them (161 prompt, 338 output tokens; sigma 1), prompts capped at 512 tokens and

@@ -49,29 +49,36 @@ PROMPT_LEN, STEPS, CHUNK = 37, 30, 16
 TINY_QUANT = ("--group-size", "64", "--n-outliers", "64", "--calib-windows", "4", "--calib-window-length", "128")
 
 
-@pytest.fixture(scope="module", params=["shared", "per-layer"])
+@pytest.fixture(scope="module", params=[("shared", "masked"), ("per-layer", "gathered")], ids="-".join)
 def tiny(request, tmp_path_factory, tiny_tokenizer_dir):
-    """(HF dir, calibration text, Atom checkpoint, package), for each residual order."""
+    """(HF dir, calibration text, Atom checkpoint, package), for atom-tvm's default residual order and
+    o_proj outlier layout, and for Atom's paper's."""
     root = tmp_path_factory.mktemp("tiny-atom")
     hf = save_tiny_llama(root / "hf", tiny_tokenizer_dir, seed=7, vary_norms=True)
     calib = calibration_text(root / "calib.txt")
     ckpt = root / "atom"
+    residual_order, o_proj_outliers = request.param
     proc = run_module("atom_tvm.quantize", "--model", hf, "-o", ckpt, "--calib-text", calib, *TINY_QUANT,
-                      "--residual-order", request.param)
+                      "--residual-order", residual_order, "--o-proj-outliers", o_proj_outliers)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pkg = build(["--model", str(ckpt), "--target", "llvm", "--quantization", "atom-w4a4", "-o", str(root / "pkg"),
                  "--prefill-chunk-size", str(CHUNK), "--context-window-size", "128", "--conv-template", "chatml"])
     return hf, calib, ckpt, pkg
 
 
-def simulated_logits(hf, calib, ids: list[int], half: bool, residual_order: str) -> np.ndarray:
+def checkpoint_layouts(ckpt) -> dict:
+    """The residual order and o_proj outlier layout an Atom checkpoint was quantized with."""
+    config = json.loads((ckpt / "atom_quant_config.json").read_text())["config"]
+    return {key: config[key] for key in ("residual_order", "o_proj_outliers")}
+
+
+def simulated_logits(hf, calib, ids: list[int], half: bool, layouts: dict) -> np.ndarray:
     from atom_tvm.quantization.calibrate import calibrate, load_float_model
     from atom_tvm.quantization.simulate import preset, simulate
 
     model = load_float_model(hf, "cpu")
     stats = calibrate(hf, str(calib), "train", 4, 128, hessian=True, model=model)
-    simulate(model, preset("atom-w4a4", group_size=64, n_outliers=64, residual_order=residual_order), stats,
-             progress=False)
+    simulate(model, preset("atom-w4a4", group_size=64, n_outliers=64, **layouts), stats, progress=False)
     if half:
         model = model.half()
     with torch.no_grad():
@@ -92,12 +99,12 @@ def package_logits(pkg, device: str = "cpu", forced: list[int] | None = None) ->
     return np.stack(rows), prompt + tokens
 
 
-def assert_near_the_simulation(hf, calib, ids, logits, residual_order: str) -> None:
+def assert_near_the_simulation(hf, calib, ids, logits, layouts: dict) -> None:
     """``logits`` (of the steps after the prompt) are as near the float32 simulation as float16
     alone moves it, and much nearer than the float model (see the module docstring)."""
     steps = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + STEPS)
-    sim = simulated_logits(hf, calib, ids, False, residual_order)[steps]
-    sim_half = simulated_logits(hf, calib, ids, True, residual_order)[steps]
+    sim = simulated_logits(hf, calib, ids, False, layouts)[steps]
+    sim_half = simulated_logits(hf, calib, ids, True, layouts)[steps]
     model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
     with torch.no_grad():
         float_logits = model(torch.tensor([ids])).logits[0].double().numpy()[steps]
@@ -111,8 +118,8 @@ def test_tiny_package_matches_the_simulation(tiny):
     hf, calib, ckpt, pkg = tiny
     config = json.loads((pkg / "mlc-chat-config.json").read_text())
     assert config["quantization"] == "atom-w4a4"
-    residual_order = config["quantization_config"]["residual_order"]
-    assert residual_order == json.loads((ckpt / "atom_quant_config.json").read_text())["config"]["residual_order"]
+    layouts = checkpoint_layouts(ckpt)
+    assert layouts.items() <= config["quantization_config"].items()
     assert {"name": "atom-w4a4", "group_size": 64, "n_outliers": 64, "kv_cache": "int4",
             "activation_clip": 0.9}.items() <= config["quantization_config"].items()
     chat = ChatModel(pkg, "cpu")
@@ -121,7 +128,11 @@ def test_tiny_package_matches_the_simulation(tiny):
     assert params["model.layers.1.mlp.down_proj.q4"] == "uint8" and params["model.layers.0.self_attn.o_proj.q8"] == "int8"
 
     ours, ids = package_logits(pkg)
-    assert_near_the_simulation(hf, calib, ids[:-1], ours, residual_order)
+    if layouts["o_proj_outliers"] == "masked":  # o_proj multiplies its 64 outliers twice: in place, zeroed, and copied
+        assert params["model.layers.0.self_attn.o_proj.outlier_mask"] == "uint8"
+        assert chat.metadata["params"][[p["name"] for p in chat.metadata["params"]].index(
+            "model.layers.0.self_attn.o_proj.s4")]["shape"] == [256, 256 // 64]
+    assert_near_the_simulation(hf, calib, ids[:-1], ours, layouts)
 
 
 @pytest.mark.gpu
@@ -136,11 +147,10 @@ def test_tiny_package_on_the_gpu_matches_the_simulation(tiny, tmp_path):
     gpu_pkg = build(["--model", str(ckpt), "--target", "cuda", "--arch", arch, "--quantization", "atom-w4a4",
                      "-o", str(tmp_path / "pkg"), "--prefill-chunk-size", str(CHUNK), "--context-window-size", "128",
                      "--conv-template", "chatml"])
-    residual_order = json.loads((ckpt / "atom_quant_config.json").read_text())["config"]["residual_order"]
     _, ids = package_logits(pkg)
     ours, _ = package_logits(gpu_pkg, "cuda", forced=ids[PROMPT_LEN:])
     assert np.isfinite(ours).all()
-    assert_near_the_simulation(hf, calib, ids[:-1], ours, residual_order)
+    assert_near_the_simulation(hf, calib, ids[:-1], ours, checkpoint_layouts(ckpt))
 
 
 @pytest.mark.parametrize("archs", ["sm_90a", "sm_80,sm_89,sm_90a"])

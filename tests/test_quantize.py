@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from atom_tvm.quantization.formats import outlier_mask
 from cli import assert_user_error, run_module
 
 pytest.importorskip("torch")
@@ -46,13 +47,19 @@ def test_checkpoint_layout(checkpoints):
     assert t[qkv + ".s8"].shape == (960, 1)
     assert t["model.layers.29.mlp.down_proj.q4"].shape == (576, 704)  # (1536-128)/2
     assert t["model.layers.0.mlp.gate_up_proj.s4"].shape == (3072, 7)
-    # The default shared residual order: o_proj's input is the only one gathered at run time.
-    index = t["model.layers.3.self_attn.o_proj.reorder_index"]
-    assert index.dtype == np.int32 and sorted(index.tolist()) == list(range(576))
-    assert not [name for name in t if name.endswith("layernorm.reorder_index")]
+    # The default shared residual order and masked o_proj outliers: no input is gathered at run time;
+    # o_proj multiplies its 576 channels in place (outliers zeroed) and the 128 outliers again.
+    o_proj = "model.layers.3.self_attn.o_proj"
+    assert t[o_proj + ".q4"].shape == (576, 288) and t[o_proj + ".s4"].shape == (576, 9)
+    index = t[o_proj + ".outlier_index"]
+    assert index.dtype == np.int32 and index.shape == (128,) and np.all(np.diff(index) > 0)
+    assert 0 <= index[0] and index[-1] < 576
+    np.testing.assert_array_equal(t[o_proj + ".outlier_mask"], outlier_mask(index, 576))
+    assert not [name for name in t if name.endswith("reorder_index")]
     assert "lm_head.weight" not in t and t["model.embed_tokens.weight"].dtype == np.float16
     config = json.loads((checkpoints["gptq"] / "atom_quant_config.json").read_text())
-    assert config["layout_version"] == 2 and config["config"]["residual_order"] == "shared"
+    assert config["layout_version"] == 3 and config["config"]["residual_order"] == "shared"
+    assert config["config"]["o_proj_outliers"] == "masked"
     assert config["config"]["gptq"] and config["config"]["group_size"] == 64
     assert config["calibration"]["windows"] == 2 and config["calibration"]["split"] == "train"
     assert (checkpoints["gptq"] / "tokenizer.json").is_file()
@@ -60,17 +67,17 @@ def test_checkpoint_layout(checkpoints):
 
 def test_rtn_checkpoint_equals_the_simulation_and_gptq_beats_it_on_calibration_data(checkpoints, smollm2_dir):
     """The checkpoint holds exactly the weights the simulation predicts (RTN through the simulation's
-    independent per-span path), and the residual stream's tensors in its stored order; on the
-    calibration Hessians GPTQ's layer output error is lower."""
+    independent per-span path, o_proj's expanded by the masked outliers), and the residual stream's
+    tensors in its stored order; on the calibration Hessians GPTQ's layer output error is lower."""
     from atom_tvm.quantization.calibrate import calibrate, load_float_model
-    from atom_tvm.quantization.reorder import apply_reorder, plan_reorder
+    from atom_tvm.quantization.reorder import reorder_model
     from atom_tvm.quantization.simulate import preset, quantize_weight, reordered_hessian
 
     stats = calibrate(smollm2_dir, "wikipedia", "train", 2, 128, hessian=True, progress=False)
     model = load_float_model(smollm2_dir)
     embed = model.model.embed_tokens.weight.detach().numpy().copy()
-    plan = plan_reorder(stats, 30, 128, residual_order="shared")
-    apply_reorder(model, plan, "shared")
+    reordered = reorder_model(model, stats, 128, "shared", o_proj_outliers="masked")
+    plan, stats = reordered.plan, reordered.stats
     rtn_cfg = preset("atom-w4a4", group_size=64, gptq=False)
     rtn, gptq = load(checkpoints["rtn"]), load(checkpoints["gptq"])
     np.testing.assert_array_equal(rtn["model.embed_tokens.weight"], embed[:, plan[0]["attn_in"]].astype(np.float16))
@@ -80,6 +87,10 @@ def test_rtn_checkpoint_equals_the_simulation_and_gptq_beats_it_on_calibration_d
         np.testing.assert_array_equal(dequantize(rtn, prefix + "mlp.down_proj"), quantize_weight(w, rtn_cfg))
         q = model.model.layers[layer].self_attn.q_proj.weight.detach().numpy()
         np.testing.assert_array_equal(dequantize(rtn, prefix + "self_attn.qkv_proj")[:576], quantize_weight(q, rtn_cfg))
+        o = model.model.layers[layer].self_attn.o_proj.weight.detach().numpy()
+        assert o.shape == (576, 576 + 128) and not o[:, reordered.masked[layer].outliers[0]].any()
+        np.testing.assert_array_equal(dequantize(rtn, prefix + "self_attn.o_proj"), quantize_weight(o, rtn_cfg))
+        np.testing.assert_array_equal(rtn[prefix + "self_attn.o_proj.outlier_index"], reordered.masked[layer].outliers[0])
 
         for linear, fused in (("mlp.down_proj", "mlp.down_proj"), ("self_attn.o_proj", "self_attn.o_proj")):
             hessian = reordered_hessian(stats, plan, prefix + linear)

@@ -29,8 +29,9 @@ from atom_tvm.compile import compile_module
 from atom_tvm.errors import UserError
 from atom_tvm.quantization import formats
 from atom_tvm.quantization.schemes import SchemeOptions, names, resolve
-from atom_tvm.quantization.schemes.atom_w4a4 import (AtomLayout, PackedActivation, ReorderQuantizeW4A4Linear,
-                                                     RMSNormQuantize, SiLUMulQuantize, W4A4Linear)
+from atom_tvm.quantization.schemes.atom_w4a4 import (AtomLayout, MaskedOutliersW4A4Linear, PackedActivation,
+                                                     ReorderQuantizeW4A4Linear, RMSNormQuantize, SiLUMulQuantize,
+                                                     W4A4Linear)
 from atom_tvm.quantization.schemes.w4a16 import W4A16, W4A16Linear
 from atom_tvm.quantization.schemes.w8a8 import W8A8Linear
 from atom_tvm.quantization.schemes.w8a8 import quantize_weight as w8a8_weight
@@ -142,10 +143,14 @@ def test_atom_w4a4_linears(lay):
     plain_fn = compiled(PackedIn(W4A4Linear(k, n, lay, LLVM)), spec, params)
     residual_fn = compiled(PackedIn(W4A4Linear(k, n, lay, LLVM)),
                            {**spec, "residual": nn.spec.Tensor(["m", n], "float16")}, params)
-    # o_proj: reorder + quantize at run time, then the GEMM with the residual.
-    o_proj_fn = compiled(ReorderQuantizeW4A4Linear(k, n, lay, LLVM),
-                         {"x": nn.spec.Tensor([1, "m", k], "float16"), "residual": nn.spec.Tensor([1, "m", n], "float16")},
-                         {**w, "reorder_index": index})
+    # o_proj: quantize at run time (gathered: reorder + quantize; masked: the K + O channels of the
+    # outliers masked in place and copied, against a weight K + O wide), then the GEMM with the residual.
+    attn_spec = {"x": nn.spec.Tensor([1, "m", k], "float16"), "residual": nn.spec.Tensor([1, "m", n], "float16")}
+    o_proj_fn = compiled(ReorderQuantizeW4A4Linear(k, n, lay, LLVM), attn_spec, {**w, "reorder_index": index})
+    outliers = rng.choice(k, lay.n_outliers, replace=False).astype(np.int32)
+    w_masked = random_atom_weight(rng, n, k + lay.n_outliers, lay)
+    masked_fn = compiled(MaskedOutliersW4A4Linear(k, n, lay, LLVM), attn_spec,
+                         {**w_masked, "outlier_index": outliers, "outlier_mask": formats.outlier_mask(outliers, k)})
     for m in ROWS:
         x = formats.quantize_atom_activation(rng.standard_normal((m, k)).astype(np.float32) * 2,
                                              lay.group_size, lay.n_outliers, lay.clip)
@@ -159,6 +164,9 @@ def test_atom_w4a4_linears(lay):
         xq = qk.reorder_quantize_ref(attn[0], index, lay.group_size, lay.n_outliers, lay.clip)
         want = w4a4_gemm_reference(xq.q4, xq.s4, xq.q8, xq.s8, *w.values(), lay.group_size, residual)
         np.testing.assert_array_equal(got[0], want)
+        xq = qk.outlier_mask_quantize_ref(attn[0], outliers, lay.group_size, lay.n_outliers, lay.clip)
+        want = w4a4_gemm_reference(xq.q4, xq.s4, xq.q8, xq.s8, *w_masked.values(), lay.group_size, residual)
+        np.testing.assert_array_equal(masked_fn(attn, residual[None])[0][0], want)
 
 
 @pytest.mark.parametrize("residual_order", ["per-layer", "shared"])
@@ -181,7 +189,8 @@ def test_atom_checkpoint_norm_weight_reaches_the_kernel_in_its_order(residual_or
         tensors[f"{name}.reorder_index"] = perm
     save_file(tensors, str(tmp_path / "model.safetensors"))
     expected = [(n, (h,), "float16" if n.endswith("weight") else "int32") for n in tensors]
-    got = dict(AtomW4A4(LAYOUTS[0], 4, {"residual_order": residual_order}).params(tmp_path, expected))
+    got = dict(AtomW4A4(LAYOUTS[0], 4, {"residual_order": residual_order, "o_proj_outliers": "masked"}
+                        ).params(tmp_path, expected))
     x = rng.standard_normal((5, h))
     rs = 1 / np.sqrt(np.mean(x**2, axis=1, keepdims=True) + 1e-5)
     design = (x[:, perm] * rs) * w_orig[perm].astype(np.float64)
@@ -278,7 +287,9 @@ def test_registry_lists_every_scheme_and_refuses_bad_options(tmp_path):
 
 def test_atom_quant_config_layouts_and_residual_order(tmp_path):
     """Layout 1 checkpoints (before the residual order existed) read as per-layer; layout 2 carries
-    the order; an unknown layout or order is refused with the command that rewrites the checkpoint."""
+    the order; layouts 1 and 2 (before the o_proj outlier layout existed) read as gathered, layout 3
+    carries it; an unknown layout, order or o_proj layout is refused with the command that rewrites
+    the checkpoint."""
     from atom_tvm.quantization.schemes.atom_w4a4 import read_quant_config
 
     config = {"w_bits": 4, "a_bits": 4, "outlier_bits": 8, "kv_bits": 4, "group_size": 128, "n_outliers": 128,
@@ -289,10 +300,14 @@ def test_atom_quant_config_layouts_and_residual_order(tmp_path):
             {"layout_version": layout, "scheme": "atom-w4a4", "config": {**config, **fields}}))
         return read_quant_config(tmp_path)
 
-    assert read(1)["residual_order"] == "per-layer"
+    assert read(1)["residual_order"] == "per-layer" and read(1)["o_proj_outliers"] == "gathered"
     assert read(2, residual_order="shared")["residual_order"] == "shared"
     assert read(2, residual_order="per-layer")["residual_order"] == "per-layer"
-    with pytest.raises(UserError, match="layout 3 .*python -m atom_tvm.quantize"):
-        read(3, residual_order="shared")
+    assert read(2, residual_order="shared")["o_proj_outliers"] == "gathered"
+    assert read(3, residual_order="shared", o_proj_outliers="masked")["o_proj_outliers"] == "masked"
+    with pytest.raises(UserError, match="layout 4 .*python -m atom_tvm.quantize"):
+        read(4, residual_order="shared")
     with pytest.raises(UserError, match="residual order 'global'.*python -m atom_tvm.quantize"):
         read(2, residual_order="global")
+    with pytest.raises(UserError, match="o_proj outlier layout 'scattered'.*python -m atom_tvm.quantize"):
+        read(3, residual_order="shared", o_proj_outliers="scattered")

@@ -81,9 +81,10 @@ def test_weights_go_through_formats_and_gptq():
 
 
 def test_presets_are_the_ablation_rows():
-    rows = ["w4a4-rtn", "+outliers-fp16", "+outliers-int8", "+group", "+clip", "+gptq", "+kv4", "atom-w4a4"]
+    rows = ["w4a4-rtn", "+outliers-fp16", "+outliers-int8", "+group", "+clip", "+gptq", "+kv4", "+shared-order",
+            "atom-w4a4"]
     changed = [{"w_bits", "a_bits"}, {"n_outliers"}, {"outlier_bits"}, {"group_size"}, {"clip_w", "clip_a"},
-               {"gptq"}, {"kv_bits"}, {"residual_order"}]
+               {"gptq"}, {"kv_bits"}, {"residual_order"}, {"o_proj_outliers"}]
     previous = dataclasses.asdict(PRESETS["fp16"])
     for name, fields in zip(rows, changed):
         now = dataclasses.asdict(PRESETS[name])
@@ -91,6 +92,7 @@ def test_presets_are_the_ablation_rows():
         previous = now
     atom = PRESETS["atom-w4a4"]
     assert PRESETS["+kv4"].residual_order == "per-layer" and atom.residual_order == "shared"
+    assert PRESETS["+kv4"].o_proj_outliers == "gathered" and atom.o_proj_outliers == "masked"
     assert (atom.w_bits, atom.a_bits, atom.group_size, atom.n_outliers, atom.outlier_bits, atom.kv_bits) == \
         (4, 4, 128, 128, 8, 4)
     assert atom.needs_calibration and not PRESETS["w8a8"].needs_calibration

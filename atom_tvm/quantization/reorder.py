@@ -31,10 +31,24 @@ The norm sites read the residual stream, which every layer shares. Two *residual
   perplexity on SmolLM2 equals the per-layer order's (docs/accuracy.md), and the in-order RMSNorm
   quantizer is 1.3-1.9x faster (docs/bench/quantize_kernels.md).
 
-The attention output is head-major and its channel order is fixed by attention itself, so
-o_proj's input is gathered at runtime in both. The intermediate channels of the MLP, in contrast,
-are produced by gate/up rows and consumed elementwise, so permuting those rows and down_proj's
-columns folds the order into the weights entirely.
+The attention output is head-major and its channel order is fixed by attention itself. Two
+*o_proj outlier* layouts:
+
+* ``gathered`` (Atom's paper): o_proj's input is permuted at run time like the others, its
+  outliers moved last (the quantizer gathers the row through the runtime index).
+* ``masked`` (atom-tvm's default): o_proj's input stays in attention's order; its outlier
+  channels are zeroed in place and *copied* after it, so o_proj becomes a Linear of K + O inputs
+  fed ``[x * keep, x[:, outliers]]`` with weight ``[W * keep, W[:, outliers]]`` (the same product;
+  `formats.masked_outliers`). The INT4 groups are groups of the original channels, the INT8 block
+  holds the same outliers, and the quantizer reads its row in order
+  (`tir_kernels.quantize.outlier_mask_quantize`) at the cost of O more GEMM input channels (3% of
+  a 7B model's o_proj). On SmolLM2 its perplexity equals the gathered layout's
+  (docs/accuracy.md). `expand_o_proj` rewrites the model so, with the calibration statistics of
+  the expanded input derived from the original ones; the reorder then leaves o_proj in place.
+
+The intermediate channels of the MLP, in contrast, are produced by gate/up rows and consumed
+elementwise, so permuting those rows and down_proj's columns folds the order into the weights
+entirely.
 
 On a Hugging Face model, :func:`attach_runtime_indices` emulates the runtime indices with forward
 pre-hooks (gathering the norm inputs and o_proj's input) so the reordered model computes exactly
@@ -42,6 +56,8 @@ what the original does.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -56,6 +72,7 @@ SITE_LINEARS = {
     "down_in": "mlp.down_proj",
 }
 RESIDUAL_ORDERS = ("shared", "per-layer")
+O_PROJ_OUTLIERS = ("masked", "gathered")
 # Sites whose permutation the runtime applies, by residual order.
 RUNTIME_SITES = {"per-layer": ("attn_in", "mlp_in", "o_in"), "shared": ("o_in",)}
 NORM_SITES = ("attn_in", "mlp_in")
@@ -114,14 +131,55 @@ def _check_residual_order(residual_order: str) -> None:
         raise UserError(f"residual order {residual_order!r}: use --residual-order {' or '.join(RESIDUAL_ORDERS)}")
 
 
+def _check_layouts(residual_order: str, o_proj_outliers: str) -> None:
+    _check_residual_order(residual_order)
+    if o_proj_outliers not in O_PROJ_OUTLIERS:
+        raise UserError(f"o_proj outlier layout {o_proj_outliers!r}: use --o-proj-outliers "
+                        f"{' or '.join(O_PROJ_OUTLIERS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedOutliers:
+    """One o_proj's masked-outlier input (module doc): its K inputs in ``blocks`` contiguous slices
+    of ``width`` (one per tensor-parallel shard of the checkpoint), slice ``b`` expanded to
+    ``[x_b * keep_b, x_b[:, outliers[b]]]``, so the expanded input is ``blocks * (width + O)`` wide."""
+
+    width: int
+    outliers: np.ndarray  # int64 [blocks, O]: each slice's outlier channels, counted within it, ascending
+
+    @classmethod
+    def choose(cls, sumsq: np.ndarray, n_outliers: int, blocks: int = 1) -> "MaskedOutliers":
+        """Each slice's ``n_outliers`` largest-``sumsq`` channels (`outlier_permutation`'s choice)."""
+        width = len(sumsq) // blocks
+        return cls(width, np.stack([outlier_permutation(sumsq[b * width:(b + 1) * width], n_outliers)
+                                    [width - n_outliers:] for b in range(blocks)]))
+
+    @property
+    def source(self) -> np.ndarray:
+        """int64 [blocks * (width + O)]: the input channel each expanded channel reads."""
+        return np.concatenate([b * self.width + np.concatenate([np.arange(self.width), outl])
+                               for b, outl in enumerate(self.outliers)])
+
+    @property
+    def keep(self) -> np.ndarray:
+        """bool [blocks * (width + O)]: False where an outlier channel is zeroed in its slice."""
+        keep = np.ones((len(self.outliers), self.width + self.outliers.shape[1]), bool)
+        for b, outl in enumerate(self.outliers):
+            keep[b, outl] = False
+        return keep.reshape(-1)
+
+
 def plan_reorder(stats: CalibrationStats, n_layers: int, n_outliers: int, shards: int = 1,
-                 residual_order: str = "per-layer") -> Plan:
+                 residual_order: str = "per-layer", o_proj_outliers: str = "gathered") -> Plan:
     """Every site's permutation for layers ``0 .. n_layers-1``; with ``shards`` > 1 the row-parallel
     sites are reordered per shard slice (`blocked_outlier_permutation`); with the ``shared`` residual
-    order both norm sites of every layer get `shared_residual_sumsq`'s permutation."""
-    _check_residual_order(residual_order)
+    order both norm sites of every layer get `shared_residual_sumsq`'s permutation; with ``masked``
+    o_proj outliers, ``stats`` are `expand_o_proj`'s and o_proj's input stays in place."""
+    _check_layouts(residual_order, o_proj_outliers)
 
     def perm(site: str, sumsq: np.ndarray) -> np.ndarray:
+        if site == "o_in" and o_proj_outliers == "masked":
+            return np.arange(len(sumsq))
         if site in ROW_PARALLEL_SITES and shards > 1:
             return blocked_outlier_permutation(sumsq, n_outliers, shards)
         return outlier_permutation(sumsq, n_outliers)
@@ -136,9 +194,10 @@ def plan_reorder(stats: CalibrationStats, n_layers: int, n_outliers: int, shards
     return plan
 
 
-def runtime_indices(plan: Plan, residual_order: str = "per-layer") -> Plan:
-    """The permutations a runtime must apply (`RUNTIME_SITES`), per layer."""
-    return {i: {site: perms[site] for site in RUNTIME_SITES[residual_order]} for i, perms in plan.items()}
+def runtime_indices(plan: Plan, residual_order: str = "per-layer", o_proj_outliers: str = "gathered") -> Plan:
+    """The permutations a runtime must apply (`RUNTIME_SITES`; o_proj's only when ``gathered``), per layer."""
+    sites = [site for site in RUNTIME_SITES[residual_order] if site != "o_in" or o_proj_outliers == "gathered"]
+    return {i: {site: perms[site] for site in sites} for i, perms in plan.items()}
 
 
 def apply_reorder(model, plan: Plan, residual_order: str = "per-layer") -> None:
@@ -213,14 +272,65 @@ def attach_runtime_indices(model, indices: Plan) -> list:
     return handles
 
 
+def expand_o_proj(model, stats: CalibrationStats, n_outliers: int, shards: int = 1
+                  ) -> tuple[CalibrationStats, dict[int, MaskedOutliers]]:
+    """Give every o_proj of ``model`` (in place) the masked-outlier input of the module doc: its
+    weight becomes ``W[:, source] * keep`` and a prepended forward pre-hook expands its input the
+    same way, so the model computes what it did. Returns the calibration statistics of the
+    expanded inputs, derived from ``stats`` (``x' = x E`` with ``E`` selecting and masking: sums of
+    squares ``sumsq[source] * keep``, Hessian ``E^T H E``), and each layer's `MaskedOutliers`."""
+    import torch
+
+    sumsq, hessian = dict(stats.sumsq), dict(stats.hessian)
+    masked = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            name = f"model.layers.{i}.{SITE_LINEARS['o_in']}"
+            site = stats.sites[name]
+            masked[i] = m = MaskedOutliers.choose(stats.sumsq[site], n_outliers, shards)
+            source, keep = m.source, m.keep
+            sumsq[site] = stats.sumsq[site][source] * keep
+            if site in stats.hessian:
+                hessian[site] = stats.hessian[site][np.ix_(source, source)] * np.outer(keep, keep)
+            linear = layer.self_attn.o_proj
+            device = linear.weight.device
+            index = torch.as_tensor(source, device=device)
+            dropped = torch.as_tensor(~keep, device=device)
+            linear.weight = torch.nn.Parameter(linear.weight[:, index].masked_fill(dropped, 0))
+            linear.in_features = len(source)
+
+            def expand(module, args, index=index, dropped=dropped):
+                return (args[0].index_select(-1, index).masked_fill(dropped, 0), *args[1:])
+
+            linear.register_forward_pre_hook(expand, prepend=True)
+    return dataclasses.replace(stats, sumsq=sumsq, hessian=hessian), masked
+
+
+@dataclasses.dataclass
+class Reordered:
+    """What `reorder_model` did: the plan, the runtime indices ({layer: {site: int64 [K]}}), the
+    calibration statistics of the reordered model's Linear inputs before their permutation (those
+    of the expanded o_proj inputs with ``masked`` o_proj outliers), and each layer's
+    `MaskedOutliers` (empty when ``gathered``)."""
+
+    plan: Plan
+    indices: Plan
+    stats: CalibrationStats
+    masked: dict[int, MaskedOutliers]
+
+
 def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128, residual_order: str = "per-layer",
-                  shards: int = 1) -> tuple[Plan, Plan]:
+                  shards: int = 1, o_proj_outliers: str = "gathered") -> Reordered:
     """Plan the reorder (`plan_reorder`) and fold it into ``model`` in place, with one residual
-    order for both; returns (the plan, the runtime indices {layer: {site: int64 [K]}}).
+    order and o_proj layout for both (``masked``: `expand_o_proj` first).
 
     The model alone is *not* equivalent to the original until the runtime indices are applied
     (by the compiled kernels, or by :func:`attach_runtime_indices` on the Hugging Face model).
     """
-    plan = plan_reorder(stats, len(model.model.layers), n_outliers, shards, residual_order)
+    _check_layouts(residual_order, o_proj_outliers)
+    masked = {}
+    if o_proj_outliers == "masked" and n_outliers:
+        stats, masked = expand_o_proj(model, stats, n_outliers, shards)
+    plan = plan_reorder(stats, len(model.model.layers), n_outliers, shards, residual_order, o_proj_outliers)
     apply_reorder(model, plan, residual_order)
-    return plan, runtime_indices(plan, residual_order)
+    return Reordered(plan, runtime_indices(plan, residual_order, o_proj_outliers), stats, masked)

@@ -11,8 +11,9 @@ kernels compute, configurable to reproduce each row of the paper's ablation:
 * **outliers**: with ``n_outliers`` the model is first reordered (`reorder`), so the last
   ``n_outliers`` input channels of every Linear are the outliers, kept in float ("FP16") or INT8;
   ``residual_order`` picks Atom's per-layer norm orders or one shared order with the residual
-  stream stored in it (what `python -m atom_tvm.quantize` writes by default: the ``atom-w4a4``
-  preset);
+  stream stored in it, and ``o_proj_outliers`` o_proj's outliers moved last (``gathered``) or
+  zeroed in place and copied after its input (``masked``); the ``atom-w4a4`` preset is what
+  `python -m atom_tvm.quantize` writes by default (shared, masked);
 * **KV cache**: keys and values are fake-quantized asymmetrically per token per head
   (:func:`fake_quant_kv`, the mirror of `formats.quantize_kv_asym`). The point is where our paged
   cache stores them: TVM's paged KV cache applies RoPE to k before writing it, so the cache holds
@@ -34,7 +35,8 @@ from atom_tvm.errors import UserError
 from atom_tvm.quantization import formats
 from atom_tvm.quantization.calibrate import CalibrationStats, ProgressLine, decoder_linears
 from atom_tvm.quantization.gptq import gptq
-from atom_tvm.quantization.reorder import RESIDUAL_ORDERS, SITE_CONSUMERS, Plan, attach_runtime_indices, reorder_model
+from atom_tvm.quantization.reorder import (O_PROJ_OUTLIERS, RESIDUAL_ORDERS, SITE_CONSUMERS, Plan,
+                                           attach_runtime_indices, reorder_model)
 
 FLOAT_BITS = 16  # "not quantized": kept in floating point
 # Linear (under model.layers.N) -> the reorder site whose permutation its input columns follow.
@@ -57,6 +59,7 @@ class QuantConfig:
     gptq: bool = False
     kv_bits: int = FLOAT_BITS     # 16, 8 or 4, asymmetric per token per head
     residual_order: str = "per-layer"  # the norm sites' reorder: "per-layer" (the paper) or "shared"
+    o_proj_outliers: str = "gathered"  # "gathered" (the paper) or "masked" (reorder.py)
 
     @property
     def needs_calibration(self) -> bool:
@@ -82,10 +85,14 @@ class QuantConfig:
         if self.residual_order not in RESIDUAL_ORDERS:
             raise UserError(f"{self.name}: residual order {self.residual_order!r}; use "
                             f"{' or '.join(RESIDUAL_ORDERS)}")
+        if self.o_proj_outliers not in O_PROJ_OUTLIERS:
+            raise UserError(f"{self.name}: o_proj outlier layout {self.o_proj_outliers!r}; use "
+                            f"{' or '.join(O_PROJ_OUTLIERS)}")
 
 
 def _ablation_presets() -> dict[str, QuantConfig]:
-    """The paper's ablation, each row adding one technique to the previous, plus the baselines."""
+    """The paper's ablation, each row adding one technique to the previous, then atom-tvm's layout
+    changes, plus the baselines."""
     rows = [
         ("w4a4-rtn", dict(w_bits=4, a_bits=4)),
         ("+outliers-fp16", dict(n_outliers=formats.DEFAULT_OUTLIERS)),
@@ -95,13 +102,14 @@ def _ablation_presets() -> dict[str, QuantConfig]:
         ("+gptq", dict(gptq=True)),
         ("+kv4", dict(kv_bits=4)),
     ]
+    # Then atom-tvm's two layout changes (reorder.py), the last being what its packages run: one
+    # shared residual order, and o_proj's outliers masked in place.
+    rows += [("+shared-order", dict(residual_order="shared")), ("atom-w4a4", dict(o_proj_outliers="masked"))]
     presets = {"fp16": QuantConfig("fp16")}
     cfg = QuantConfig()
     for name, change in rows:
         cfg = dataclasses.replace(cfg, name=name, **change)
         presets[name] = cfg
-    # What atom-tvm packages run: the paper's last row with one shared residual order (reorder.py).
-    presets["atom-w4a4"] = dataclasses.replace(cfg, name="atom-w4a4", residual_order="shared")
     presets["w8a8"] = QuantConfig("w8a8", w_bits=8, a_bits=8)
     presets["w4a16"] = QuantConfig("w4a16", w_bits=4, group_size=128)
     return presets
@@ -272,8 +280,10 @@ def simulate(model, cfg: QuantConfig, stats: CalibrationStats | None = None, pro
         raise UserError(f"{cfg.name} needs calibration statistics (outlier reorder / GPTQ)")
     plan = None
     if cfg.n_outliers:
-        plan, indices = reorder_model(model, stats, cfg.n_outliers, cfg.residual_order)
-        attach_runtime_indices(model, indices)
+        reordered = reorder_model(model, stats, cfg.n_outliers, cfg.residual_order,
+                                  o_proj_outliers=cfg.o_proj_outliers)
+        attach_runtime_indices(model, reordered.indices)
+        plan, stats = reordered.plan, reordered.stats
 
     linears = decoder_linears(model)
     quantize_weights = cfg.w_bits != FLOAT_BITS

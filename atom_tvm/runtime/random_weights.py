@@ -2,8 +2,11 @@
 packages (`bench/e2e.py`): a 7B or 13B model's real weights do not travel to the benchmark host.
 
 Float matrices are N(0, 0.02); norm weights (1-D) are ones so activations keep their scale through
-the layers; packed codes are uniform over their integer range; int32 parameters are reorder
-indices and must be permutations of their channels (anything else reads out of bounds).
+the layers; packed codes and masks (uint8, int8) are uniform over their integer range; int32
+parameters are channel indices (reorder indices, o_proj's outlier channels) and must stay within
+their channels (anything else reads out of bounds): a random permutation of their own length does,
+since a reorder index has one entry per channel and o_proj's O outlier indices then name channels
+below O of its K > O.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Per decoder layer the mutator swaps in (kernels: `tir_kernels.quantize`, `tir_ke
 
     input_layernorm          RMSNorm + quantize (fused)  -> packed INT4 groups + INT8 outliers
     self_attn.qkv_proj       W4A4 GEMM on the packed activation
-    self_attn.o_proj         reorder + quantize, then the W4A4 GEMM with the residual add in its epilogue
+    self_attn.o_proj         quantize (outliers masked in place and copied, or gathered), then the W4A4
+                             GEMM with the residual add in its epilogue
     post_attention_layernorm RMSNorm + quantize (fused)
     mlp.gate_up_proj         W4A4 GEMM
     mlp.act                  SiLU(gate) * up + quantize (fused; down_proj's reorder is folded offline)
@@ -13,7 +14,10 @@ Per decoder layer the mutator swaps in (kernels: `tir_kernels.quantize`, `tir_ke
 so no float activation of a decoder Linear input is ever written to memory. The norms read the
 residual stream in order when the checkpoint stores it in the quantizer's channel order (residual
 order "shared", the default of `python -m atom_tvm.quantize`), and through their per-layer reorder
-index (`tir_kernels.quantize.rmsnorm_reorder_quantize`) for "per-layer" checkpoints. Everything else stays
+index (`tir_kernels.quantize.rmsnorm_reorder_quantize`) for "per-layer" checkpoints. o_proj's
+quantizer reads its row in order too (`tir_kernels.quantize.outlier_mask_quantize`) when the
+checkpoint masks its outliers in place ("masked", the default; o_proj is then K + O wide), and
+gathers it through its reorder index (`reorder_quantize`) for "gathered" ones. Everything else stays
 float16 as in the checkpoint (embeddings, final norm, lm_head, attention), and the KV cache is
 Atom's with the checkpoint's KV format (INT4 by default; ``--kv-cache`` overrides it).
 
@@ -23,8 +27,8 @@ a dataflow block, with ``relax.If``, which the nn frontend does not emit). So ``
 M is the batch, gets the gemv for a few sequences and ``prefill`` the tiled kernel.
 
 The checkpoint's parameter names are the mutated model's: ``<linear>.q4/.s4/.q8/.s8``,
-``<norm>.weight`` (permuted), ``self_attn.o_proj.reorder_index`` and, per-layer order only,
-``<norm>.reorder_index``.
+``<norm>.weight`` (permuted), ``self_attn.o_proj.outlier_index`` and ``.outlier_mask`` (masked) or
+``self_attn.o_proj.reorder_index`` (gathered) and, per-layer order only, ``<norm>.reorder_index``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from tvm.target import Target
 
 from atom_tvm.errors import UserError
 from atom_tvm.hf_weights import CheckpointReader, ParamSpec, iter_params
-from atom_tvm.quantization.reorder import RESIDUAL_ORDERS
+from atom_tvm.quantization.reorder import O_PROJ_OUTLIERS, RESIDUAL_ORDERS
 from atom_tvm.quantize import LAYOUT_VERSION, QUANT_CONFIG
 from atom_tvm.quantization.schemes import QuantizationScheme, SchemeOptions, column_shard, register
 from relax_models.kernel_calls import cached_kernel, kernel_variant, out_tensor, rows
@@ -49,8 +53,8 @@ from relax_models.llama import LlamaConfig, LlamaDecoderLayer, all_reduce
 from tir_kernels import quantize as quantize_kernels
 from tir_kernels.w4a4_gemm import W4A4Shape, w4a4_linear
 
-#: Checkpoint layouts this build reads (`atom_tvm.quantize.LAYOUT_VERSION` and the one before it).
-READABLE_LAYOUTS = (LAYOUT_VERSION - 1, LAYOUT_VERSION)
+#: Checkpoint layouts this build reads (`atom_tvm.quantize.LAYOUT_VERSION` and every one before it).
+READABLE_LAYOUTS = tuple(range(1, LAYOUT_VERSION + 1))
 #: KV cache format of each of the checkpoint's ``kv_bits``.
 KV_FORMAT = {4: "int4", 8: "int8", 16: "fp16"}
 
@@ -89,6 +93,7 @@ _rmsnorm_quantize = cached_kernel(quantize_kernels.rmsnorm_quantize)
 _rmsnorm_reorder_quantize = cached_kernel(quantize_kernels.rmsnorm_reorder_quantize)
 _silu_mul_quantize = cached_kernel(quantize_kernels.silu_mul_quantize)
 _reorder_quantize = cached_kernel(quantize_kernels.reorder_quantize)
+_outlier_mask_quantize = cached_kernel(quantize_kernels.outlier_mask_quantize)
 
 
 _w4a4_linear = cached_kernel(w4a4_linear)
@@ -160,7 +165,8 @@ class W4A4Linear(nn.Module):
 
 
 class ReorderQuantizeW4A4Linear(W4A4Linear):
-    """o_proj: its input (head-major attention output) is reordered and quantized at run time."""
+    """o_proj of a "gathered" checkpoint: its input (head-major attention output) is reordered and
+    quantized at run time."""
 
     def __init__(self, in_features: int, out_features: int, layout: AtomLayout, target: Target):
         super().__init__(in_features, out_features, layout, target)
@@ -173,6 +179,27 @@ class ReorderQuantizeW4A4Linear(W4A4Linear):
                                    kernel_variant(self.target))
         packed = _quantized(kernel, "reorder_quantize", [flat, self.reorder_index], flat.shape[0],
                             self.in_features, lead, lay)
+        return super().forward(packed, residual)
+
+
+class MaskedOutliersW4A4Linear(W4A4Linear):
+    """o_proj of a "masked" checkpoint: its ``width`` inputs (attention's output, in order) quantized
+    at run time as the ``width + O`` channels ``[x * keep, x[:, outlier_index]]`` that its packed
+    weight multiplies (`formats.masked_outliers`)."""
+
+    def __init__(self, width: int, out_features: int, layout: AtomLayout, target: Target):
+        super().__init__(width + layout.n_outliers, out_features, layout, target)
+        self.width = width
+        self.outlier_index = nn.Parameter((layout.n_outliers,), "int32")
+        self.outlier_mask = nn.Parameter((width // 8,), "uint8")
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        flat, lead = rows(x)
+        lay = self.layout
+        kernel = _outlier_mask_quantize(self.width, lay.group_size, lay.n_outliers, lay.clip,
+                                        kernel_variant(self.target))
+        packed = _quantized(kernel, "outlier_mask_quantize", [flat, self.outlier_index, self.outlier_mask],
+                            flat.shape[0], self.in_features, lead, lay)
         return super().forward(packed, residual)
 
 
@@ -192,8 +219,8 @@ class BlockedSiLUMulQuantize(nn.Module):
 class BlockedW4A4Linear(nn.Module):
     """o_proj or down_proj of a checkpoint laid out for tensor parallelism (``quantize
     --tensor-parallel-shards``): the input is ``blocks`` contiguous slices, each quantized on its own
-    (o_proj: reordered and quantized here; down_proj: `BlockedSiLUMulQuantize`'s outputs) and
-    multiplied by its own packed weights.
+    (o_proj: here, by ``quantizing_block``'s quantizer; down_proj: `BlockedSiLUMulQuantize`'s
+    outputs, ``quantizing_block`` None) and multiplied by its own packed weights.
 
     Each block's float16 partial product is summed in float32, over the blocks and (all-reduce) over
     the shards, and the residual is added before the one rounding to float16. Sums of a few float16
@@ -202,15 +229,15 @@ class BlockedW4A4Linear(nn.Module):
     own order) give the same bits. A W4A4 model turns any float16 rounding difference into whole INT4
     steps in the next quantizer, so this is what keeps their greedy tokens equal."""
 
-    def __init__(self, in_features: int, out_features: int, blocks: int, shards: int, reorder: bool,
-                 layout: AtomLayout, target: Target):
-        block = ReorderQuantizeW4A4Linear if reorder else W4A4Linear
+    def __init__(self, in_features: int, out_features: int, blocks: int, shards: int,
+                 quantizing_block: type[W4A4Linear] | None, layout: AtomLayout, target: Target):
+        block = quantizing_block or W4A4Linear
         self.blocks = nn.ModuleList([block(in_features // blocks, out_features, layout, target)
                                      for _ in range(blocks)])
-        self.reorder, self.shards = reorder, shards
+        self.splits_input, self.shards = quantizing_block is not None, shards
 
     def forward(self, x: Tensor | list[PackedActivation], residual: Tensor) -> Tensor:
-        if self.reorder:
+        if self.splits_input:
             x = op.split(x, len(self.blocks), axis=-1) if len(self.blocks) > 1 else [x]
         total = None
         for block, block_x in zip(self.blocks, x):
@@ -226,9 +253,10 @@ class AtomW4A4Mutator(nn.Mutator):
     Linears as ``checkpoint_shards // shards`` blocks."""
 
     def __init__(self, cfg: LlamaConfig, layout: AtomLayout, target: Target, residual_order: str,
-                 shards: int = 1, checkpoint_shards: int = 1):
+                 o_proj_outliers: str, shards: int = 1, checkpoint_shards: int = 1):
         self.cfg, self.layout, self.target = cfg, layout, target
         self.norm_reorder = residual_order == "per-layer"
+        self.o_proj_block = MaskedOutliersW4A4Linear if o_proj_outliers == "masked" else ReorderQuantizeW4A4Linear
         self.shards, self.checkpoint_shards = shards, checkpoint_shards
 
     def visit_module(self, name: str, node: nn.Module):
@@ -243,14 +271,15 @@ class AtomW4A4Mutator(nn.Mutator):
         node.post_attention_layernorm = RMSNormQuantize(h, cfg.rms_norm_eps, lay, tgt, self.norm_reorder)
         mlp.gate_up_proj = W4A4Linear(h, 2 * i, lay, tgt)
         if self.checkpoint_shards == 1:
-            attn.o_proj = ReorderQuantizeW4A4Linear(attn.o_proj.in_features, h, lay, tgt)
+            attn.o_proj = self.o_proj_block(attn.o_proj.in_features, h, lay, tgt)
             mlp.act = SiLUMulQuantize(i, lay, tgt)
             mlp.down_proj = W4A4Linear(i, h, lay, tgt)
         else:
             blocks = self.checkpoint_shards // self.shards
-            attn.o_proj = BlockedW4A4Linear(attn.o_proj.in_features, h, blocks, self.shards, True, lay, tgt)
+            attn.o_proj = BlockedW4A4Linear(attn.o_proj.in_features, h, blocks, self.shards, self.o_proj_block,
+                                            lay, tgt)
             mlp.act = BlockedSiLUMulQuantize(i, blocks, lay, tgt)
-            mlp.down_proj = BlockedW4A4Linear(i, h, blocks, self.shards, False, lay, tgt)
+            mlp.down_proj = BlockedW4A4Linear(i, h, blocks, self.shards, None, lay, tgt)
         return node
 
 
@@ -265,7 +294,8 @@ class AtomW4A4(QuantizationScheme):
         self.checkpoint_shards = checkpoint_shards
 
     def mutate(self, model: nn.Module, cfg: LlamaConfig, target: Target) -> nn.Module:
-        return AtomW4A4Mutator(cfg, self.layout, target, self.quant_config["residual_order"],
+        q = self.quant_config
+        return AtomW4A4Mutator(cfg, self.layout, target, q["residual_order"], q["o_proj_outliers"],
                                model.tensor_parallel_shards, self.checkpoint_shards).visit("", model)
 
     def check_tensor_parallel(self, shards: int) -> None:
@@ -317,7 +347,7 @@ class AtomW4A4(QuantizationScheme):
         return {**super().to_json(), "group_size": self.layout.group_size, "n_outliers": self.layout.n_outliers,
                 "activation_clip": self.layout.clip, "weight_clip": q["clip_w"], "gptq": q["gptq"],
                 "kv_bits": q["kv_bits"], "residual_order": q["residual_order"],
-                "checkpoint_shards": self.checkpoint_shards}
+                "o_proj_outliers": q["o_proj_outliers"], "checkpoint_shards": self.checkpoint_shards}
 
 
 def read_quant_config(model_dir: Path) -> dict:
@@ -335,24 +365,31 @@ def read_quant_config(model_dir: Path) -> dict:
         raise UserError(f"{path}: layout {doc.get('layout_version')!r} of scheme {doc.get('scheme')!r}; this "
                         f"build reads layouts {', '.join(map(str, READABLE_LAYOUTS))} of atom-w4a4 (re-run "
                         f"python -m atom_tvm.quantize)")
-    q = {"residual_order": "per-layer", **doc.get("config", {})}  # layout 1 had per-layer orders only
+    # layout 1 had per-layer orders only, layouts 1 and 2 gathered o_proj outliers only
+    q = {"residual_order": "per-layer", "o_proj_outliers": "gathered", **doc.get("config", {})}
     expected = {"w_bits": 4, "a_bits": 4, "outlier_bits": 8}
     if any(q.get(k) != v for k, v in expected.items()) or q.get("kv_bits") not in KV_FORMAT:
         raise UserError(f"{path}: config {q} is not W4A4 with INT8 outliers; re-run python -m atom_tvm.quantize")
     if q["residual_order"] not in RESIDUAL_ORDERS:
         raise UserError(f"{path}: residual order {q['residual_order']!r} is not one of "
                         f"{', '.join(RESIDUAL_ORDERS)}; re-run python -m atom_tvm.quantize")
+    if q["o_proj_outliers"] not in O_PROJ_OUTLIERS:
+        raise UserError(f"{path}: o_proj outlier layout {q['o_proj_outliers']!r} is not one of "
+                        f"{', '.join(O_PROJ_OUTLIERS)}; re-run python -m atom_tvm.quantize")
     return {**q, "tensor_parallel_shards": int(doc.get("tensor_parallel_shards", 1))}
 
 
-def check_shapes(cfg: LlamaConfig, layout: AtomLayout, shards: int = 1, checkpoint_shards: int = 1) -> None:
+def check_shapes(cfg: LlamaConfig, layout: AtomLayout, o_proj_outliers: str, shards: int = 1,
+                 checkpoint_shards: int = 1) -> None:
     """Every GEMM and quantizer of one shard of the model accepts its shape (named errors before
-    compiling); row-parallel inputs come in ``checkpoint_shards`` blocks."""
+    compiling); row-parallel inputs come in ``checkpoint_shards`` blocks; a masked o_proj multiplies
+    O more channels."""
     g, o = layout.group_size, layout.n_outliers
     attn_width = cfg.num_attention_heads * cfg.head_dim
+    o_proj_k = attn_width // checkpoint_shards + (o if o_proj_outliers == "masked" else 0)
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     for what, n, k in (("qkv_proj", qkv // shards, cfg.hidden_size),
-                       ("o_proj", cfg.hidden_size, attn_width // checkpoint_shards),
+                       ("o_proj", cfg.hidden_size, o_proj_k),
                        ("gate_up_proj", 2 * cfg.intermediate_size // shards, cfg.hidden_size),
                        ("down_proj", cfg.hidden_size, cfg.intermediate_size // checkpoint_shards)):
         try:
@@ -372,5 +409,5 @@ def atom_w4a4(model_dir: Path, cfg: LlamaConfig, options: SchemeOptions) -> Atom
                         f"group size {layout.group_size} (omit --group-size, or re-quantize)")
     scheme = AtomW4A4(layout, int(q["kv_bits"]), q, q["tensor_parallel_shards"])
     scheme.check_tensor_parallel(options.tensor_parallel_shards)
-    check_shapes(cfg, layout, options.tensor_parallel_shards, q["tensor_parallel_shards"])
+    check_shapes(cfg, layout, q["o_proj_outliers"], options.tensor_parallel_shards, q["tensor_parallel_shards"])
     return scheme
