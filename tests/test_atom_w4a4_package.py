@@ -1,7 +1,9 @@
 """atom-w4a4 packages built from Atom checkpoints, on the CPU, against the quantizer's torch simulation.
 
 1. A random tiny Llama (2 layers, hidden 256, GQA 4/2, head_dim 64, norm weights drawn away from 1 so
-   their reorder matters), quantized by `python -m atom_tvm.quantize` (G = 64, 64 outliers, GPTQ) and
+   their reorder matters), quantized by `python -m atom_tvm.quantize` (G = 64, 64 outliers, GPTQ; with
+   atom-tvm's default layouts, shared residual order and masked o_proj outliers, and with the paper's,
+   per-layer and gathered) and
    built with `python -m atom_tvm.build --quantization atom-w4a4` (INT4 KV implied). Its logits over a
    chunked prefill and 30 greedy decode steps (teacher-forced into the references) are compared with
    `simulate(preset("atom-w4a4", ...))` on the same calibration.
@@ -10,8 +12,9 @@
    difference: an activation that float16 moves across a rounding boundary changes its INT4 code by a
    whole step. The measure of how much that alone moves the logits is the same simulation run in
    float16 (`model.half()`): the package must be no farther from the float32 simulation than 1.5x
-   that distance, and below 0.75x the float model's own distance from it (measured: package 0.131,
-   float16 simulation 0.134, float model 0.259, in relative L2 of the logits). A wiring error is far
+   that distance, and below 0.75x the float model's own distance from it (measured before the layout
+   options existed: package 0.131, float16 simulation 0.134, float model 0.259, in relative L2 of the
+   logits). A wiring error is far
    outside: with the checkpoint's permuted norm weights handed to the kernel as they are (which
    scales each channel by another channel's weight) the package lands at 0.535.
 
