@@ -102,6 +102,21 @@ def test_tiny_llama_reorder_is_exact(residual_order, o_proj_outliers, tied):
     check_reorder_is_exact(model, stats, random_windows(2, 40, seed=1), 64, residual_order, o_proj_outliers)
 
 
+def test_masked_o_proj_without_outliers_is_the_model_in_order():
+    """--n-outliers 0: o_proj keeps its K inputs, nothing is copied, and the checkpoint still gets
+    its (empty) outlier index, so the package's masked quantizer finds its parameters."""
+    model = tiny_llama(seed=3)
+    stats = collect_stats(model, random_windows(2, 32))
+    ids = torch.as_tensor(random_windows(2, 40, seed=1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        done = reorder_model(model, stats, 0, "shared", o_proj_outliers="masked")
+        assert rel_err(model(ids).logits, ref) < 1e-5
+    k = model.config.hidden_size
+    assert model.model.layers[0].self_attn.o_proj.in_features == k
+    assert done.masked[0].outliers.shape == (1, 0) and done.masked[0].keep.all()
+
+
 def test_masked_outliers_expand_each_block_in_place():
     sumsq = np.array([5.0, 1.0, 9.0, 2.0, 0.5, 7.0, 3.0, 8.0])
     one = MaskedOutliers.choose(sumsq, 2)

@@ -329,7 +329,7 @@ def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128, residua
     """
     _check_layouts(residual_order, o_proj_outliers)
     masked = {}
-    if o_proj_outliers == "masked" and n_outliers:
+    if o_proj_outliers == "masked":
         stats, masked = expand_o_proj(model, stats, n_outliers, shards)
     plan = plan_reorder(stats, len(model.model.layers), n_outliers, shards, residual_order, o_proj_outliers)
     apply_reorder(model, plan, residual_order)
