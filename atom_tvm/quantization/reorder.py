@@ -325,7 +325,9 @@ def reorder_model(model, stats: CalibrationStats, n_outliers: int = 128, residua
     order and o_proj layout for both (``masked``: `expand_o_proj` first).
 
     The model alone is *not* equivalent to the original until the runtime indices are applied
-    (by the compiled kernels, or by :func:`attach_runtime_indices` on the Hugging Face model).
+    (by the compiled kernels, or by :func:`attach_runtime_indices` on the Hugging Face model);
+    a masked o_proj expands its own input (`expand_o_proj`'s hook), so with the ``shared`` order
+    and ``masked`` o_proj outliers there are none left to apply.
     """
     _check_layouts(residual_order, o_proj_outliers)
     masked = {}
